@@ -1,0 +1,117 @@
+"""Sufficient statistics of patch features: count, mean and centred scatter.
+
+Everything a linear Patch2Self model needs is ``(N, mu, S)`` over the fitting
+voxels. Blocks are reduced separately and merged exactly with the pairwise
+update of Chan, Golub & LeVeque, which is associative, so any chunking and any
+reduction tree give the same statistics up to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import reduce
+
+import numpy as np
+
+from .patches import features, interior_shape, sub_boxes
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Count, mean ``(F,)`` and centred scatter ``(F, F)`` of feature vectors.
+
+    The scatter is ``sum_i (f_i - mean)(f_i - mean)^T`` in float64.
+    """
+
+    count: int
+    mean: np.ndarray
+    scatter: np.ndarray
+
+    @classmethod
+    def empty(cls, n_features: int) -> "Stats":
+        """Statistics of no voxels (the identity of :func:`merge`)."""
+        return cls(0, np.zeros(n_features), np.zeros((n_features, n_features)))
+
+    @property
+    def n_features(self) -> int:
+        return self.mean.shape[0]
+
+    def subset(self, features) -> "Stats":
+        """Statistics of a subset of the features (exact: a sub-block of S)."""
+        idx = np.asarray(features)
+        return Stats(self.count, self.mean[idx], self.scatter[np.ix_(idx, idx)])
+
+
+def rows_stats(x: np.ndarray, overwrite: bool = False) -> Stats:
+    """Statistics of the rows of a ``(n, F)`` matrix.
+
+    With ``overwrite=True`` a float64 ``x`` is centred in place (saves a copy
+    of the block, which matters for memory more than for time).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = x.shape[0]
+    if n == 0:
+        return Stats.empty(x.shape[1])
+    mean = x.mean(axis=0)
+    if overwrite:
+        x -= mean
+        xc = x
+    else:
+        xc = x - mean
+    # ``xc.T @ xc`` is recognised by NumPy as a symmetric rank-k update (syrk).
+    return Stats(n, mean, xc.T @ xc)
+
+
+def merge(a: Stats, b: Stats) -> Stats:
+    """Exact statistics of the union of two disjoint voxel sets."""
+    if a.count == 0:
+        return b
+    if b.count == 0:
+        return a
+    n = a.count + b.count
+    delta = b.mean - a.mean
+    mean = a.mean + delta * (b.count / n)
+    scatter = a.scatter + b.scatter
+    scatter += np.outer(delta, delta) * (a.count * b.count / n)
+    return Stats(n, mean, scatter)
+
+
+def merge_all(items) -> Stats:
+    """Merge an iterable of :class:`Stats` (at least one)."""
+    return reduce(merge, items)
+
+
+def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
+                max_bytes: int = 4 * 2**20, min_rows: int = 512) -> Stats:
+    """Statistics of the patch features of the interior voxels of a block.
+
+    Parameters
+    ----------
+    block : ndarray, shape (bx + 2 r0, by + 2 r1, bz + 2 r2, m)
+        One group's volumes with a halo of ``radius`` voxels (zeros beyond the
+        image border).
+    radius : tuple of int
+    mask : ndarray of bool, shape (bx, by, bz), optional
+        Only voxels where the mask is true are counted.
+    max_bytes, min_rows : int
+        The block is walked in sub-boxes whose feature matrix has about
+        ``max_bytes`` but at least ``min_rows`` rows (small pieces stay in cache
+        and reuse memory; the rank-k updates stay efficient), and their
+        statistics are merged.
+
+    Returns
+    -------
+    Stats
+    """
+    m = block.shape[-1]
+    n_features = m * int(np.prod([2 * r + 1 for r in radius]))
+    shape = interior_shape(block.shape, radius)
+    total = Stats.empty(n_features)
+    max_bytes = max(max_bytes, min_rows * n_features * 8)
+    for box in sub_boxes(shape, n_features, max_bytes):
+        x = features(block, radius, box)
+        if mask is not None:
+            (x0, x1), (y0, y1), (z0, z1) = box
+            x = x[mask[x0:x1, y0:y1, z0:z1].reshape(-1)]
+        total = merge(total, rows_stats(x, overwrite=True))
+    return total

@@ -1,0 +1,365 @@
+"""The Dask layer: maps the NumPy core over spatial chunks that hold all volumes.
+
+Three passes, each a plain Dask graph over the input:
+
+1. :func:`summarize` — per-block statistics of every group's patch features,
+   plus per-volume minima and a NaN/Inf census, merged by a tree reduction;
+2. :func:`volume_minima` of the (unshifted) prediction, only for
+   ``shift_intensity``;
+3. :func:`predict` — one matrix product per group and block, then the shift,
+   clip and cast.
+
+Halos for ``patch_radius > 0`` come from :func:`dask.array.overlap.overlap`
+with a constant-zero boundary, which is exactly the zero padding of DIPY.
+This module knows nothing about files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import uuid
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.array.core import normalize_chunks, slices_from_chunks
+from dask.graph_manipulation import bind
+
+from .core import LinearModel, Stats, block_stats, fit, merge, patch_size, predict_block
+from .core.postprocess import cast, intensity_shift
+from .core.predict import combine
+from .errors import InputError
+from .groups import Group
+from .validate import describe_nonfinite
+
+DEFAULT_CHUNK_BYTES = int(__import__("os").environ.get("P2S_CHUNK_MB", 48)) * 2**20
+TREE_FAN_IN = 8
+
+
+@dataclass
+class Summary:
+    """Everything pass 1 learns: statistics per group, minima, bad values."""
+
+    stats: list  # one Stats (or None for pass-through groups) per group
+    minima: np.ndarray  # (n,) per-volume minimum of the input
+    nonfinite: int = 0
+    first_nonfinite: tuple | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def auto_chunks(shape, radius=(0, 0, 0), target_bytes=DEFAULT_CHUNK_BYTES):
+    """Spatial chunks holding all volumes, about ``target_bytes`` in float64.
+
+    Splits z first, then y, then x, keeping chunks at least as thick as the
+    patch radius so that each halo comes from the next chunk only.
+    """
+    nx, ny, nz, n = (int(s) for s in shape)
+    budget = max(1, target_bytes // (n * 8))
+    sizes = [nx, ny, nz]
+    for axis in (2, 1, 0):
+        if int(np.prod(sizes)) <= budget:
+            break
+        rest = int(np.prod(sizes)) // sizes[axis]
+        sizes[axis] = min(sizes[axis], max(1, radius[axis], budget // rest))
+    return (sizes[0], sizes[1], sizes[2], n)
+
+
+def _from_numpy(x: np.ndarray, chunks) -> da.Array:
+    """A dask array over views of ``x``.
+
+    :func:`dask.array.from_array` copies NumPy input, which would double the
+    memory of a call that is meant to add only a chunk's worth.
+    """
+    chunks = normalize_chunks(chunks, x.shape, dtype=x.dtype)
+    name = f"p2s-input-{uuid.uuid4().hex}"
+    dsk = {(name,) + tuple(idx): x[slc] for idx, slc in
+           zip(np.ndindex(*[len(c) for c in chunks]), slices_from_chunks(chunks))}
+    return da.Array(dsk, name, chunks, dtype=x.dtype)
+
+
+def as_chunked(data, chunks=None, radius=(0, 0, 0)) -> da.Array:
+    """A dask array of ``data`` whose chunks span all volumes.
+
+    ``chunks`` may be a spatial chunk shape ``(cx, cy, cz)`` or a 4-tuple; the
+    volume axis is always one chunk so each block holds whole feature vectors.
+    NumPy input is wrapped without a copy.
+    """
+    shape = tuple(data.shape)
+    spec = (auto_chunks(shape, radius) if chunks is None
+            else tuple(chunks)[:3] + (shape[3],))
+    if isinstance(data, da.Array):
+        arr = data if (chunks is None and len(data.chunks[3]) == 1) else data.rechunk(spec)
+    else:
+        arr = _from_numpy(np.asarray(data), spec)
+    if len(arr.chunks[3]) != 1:
+        arr = arr.rechunk({3: -1})
+    # overlap() needs every chunk to be at least as thick as the halo
+    thin = {a: -1 for a in range(3) if min(arr.chunks[a]) < radius[a]}
+    if thin:
+        arr = arr.rechunk({a: max(radius[a], max(arr.chunks[a])) for a in thin})
+        thin = {a: -1 for a in range(3) if min(arr.chunks[a]) < radius[a]}
+        if thin:
+            arr = arr.rechunk(thin)
+    return arr
+
+
+def with_halo(arr: da.Array, radius) -> da.Array:
+    """Blocks with a ``radius`` halo, zero beyond the image border."""
+    if not any(radius):
+        return arr
+    depth = {0: radius[0], 1: radius[1], 2: radius[2], 3: 0}
+    return da.overlap.overlap(arr, depth=depth, boundary={0: 0, 1: 0, 2: 0, 3: "none"})
+
+
+def _interior(block, radius):
+    sl = tuple(slice(r, block.shape[i] - r) for i, r in enumerate(radius))
+    return block[sl]
+
+
+def _shared_scatter_is_cheaper(groups, n, radius) -> bool:
+    """For r = 0, one scatter of all volumes beats gathering each group's
+    columns unless the groups are many and small."""
+    if any(radius):
+        return False
+    fitted = [len(g.indices) for g in groups if g.denoise]
+    return bool(fitted) and sum(m * m for m in fitted) >= 0.6 * n * n
+
+
+def _summarize_block(block, mask, groups, radius, origin, check_finite) -> Summary:
+    inner = _interior(block, radius)
+    n = block.shape[-1]
+    summary = Summary(stats=[], minima=inner.reshape(-1, n).min(axis=0)
+                      .astype(np.float64))
+    if check_finite and np.issubdtype(block.dtype, np.inexact):
+        bad = ~np.isfinite(inner)
+        count = int(np.count_nonzero(bad))
+        if count:
+            local = np.unravel_index(int(np.argmax(bad)), inner.shape)
+            summary.nonfinite = count
+            summary.first_nonfinite = tuple(int(o + i) for o, i in
+                                            zip(tuple(origin) + (0,), local))
+            return summary
+    if _shared_scatter_is_cheaper(groups, n, radius):
+        everything = block_stats(block, radius, mask)
+        summary.stats = [everything.subset(list(g.indices)) if g.denoise else None
+                         for g in groups]
+    else:
+        summary.stats = [block_stats(block[..., list(g.indices)], radius, mask)
+                         if g.denoise else None for g in groups]
+    return summary
+
+
+def _merge_summaries(*items: Summary) -> Summary:
+    out = items[0]
+    for s in items[1:]:
+        first = out.first_nonfinite
+        if first is None or (s.first_nonfinite is not None and s.first_nonfinite < first):
+            first = s.first_nonfinite
+        if out.nonfinite or s.nonfinite:
+            stats = []  # the run stops with an error; statistics are moot
+        else:
+            stats = [None if a is None else merge(a, b) for a, b in zip(out.stats, s.stats)]
+        out = Summary(stats, np.minimum(out.minima, s.minima),
+                      out.nonfinite + s.nonfinite, first)
+    return out
+
+
+def _tree(items, fan_in=TREE_FAN_IN):
+    """Merge delayed summaries in a tree of the given fan-in."""
+    merge_delayed = dask.delayed(_merge_summaries, pure=True)
+    while len(items) > 1:
+        items = [merge_delayed(*items[i:i + fan_in])
+                 for i in range(0, len(items), fan_in)]
+    return items[0]
+
+
+def _chunk_origins(chunks):
+    starts = [np.cumsum((0,) + c[:-1]) for c in chunks[:3]]
+    return starts
+
+
+def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
+              check_finite=True):
+    """Pass 1: a delayed :class:`Summary` of the whole array.
+
+    Parameters
+    ----------
+    arr : dask.array.Array (x, y, z, n), one chunk along the volumes
+    groups : list of Group
+    radius : tuple of int
+    mask : dask.array.Array or ndarray (x, y, z) of bool, optional
+        Voxels to fit on.
+    check_finite : bool
+        Count NaN/Inf values (skip when the caller has checked already).
+    """
+    halo = with_halo(arr, radius)
+    blocks = halo.to_delayed()
+    if mask is not None:
+        mask = da.asarray(mask).astype(bool).rechunk(arr.chunks[:3])
+        mask_blocks = mask.to_delayed()
+    starts = _chunk_origins(arr.chunks)
+    fn = dask.delayed(_summarize_block, pure=True)
+    parts = []
+    for idx in np.ndindex(*blocks.shape[:3]):
+        origin = tuple(int(starts[a][idx[a]]) for a in range(3))
+        mblock = None if mask is None else mask_blocks[idx]
+        parts.append(fn(blocks[idx + (0,)], mblock, groups, radius, origin,
+                        check_finite))
+    return _tree(parts)
+
+
+@dataclass(frozen=True)
+class FittedModels:
+    """The regressors of every group and their combination over all volumes."""
+
+    groups: tuple
+    models: tuple  # LinearModel or None per group
+    plan: LinearModel  # all volumes at once, pass-through volumes copied
+    minima: np.ndarray  # per-volume minimum of the input
+
+
+def fit_models(summary: Summary, groups: list[Group], radius, model: str,
+               alpha: float) -> FittedModels:
+    """Solve every group's regressions from a :class:`Summary`."""
+    if summary.nonfinite:
+        raise InputError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
+    p = patch_size(radius)
+    models = []
+    for g, st in zip(groups, summary.stats):
+        if st is None:
+            models.append(None)
+            continue
+        if st.count < 2:
+            raise InputError(
+                f"the mask selects {st.count} voxel(s): too few to fit the {g.name} group"
+            )
+        models.append(fit(st, p, model, alpha))
+    n = summary.minima.shape[0]
+    plan = combine(models, [g.indices for g in groups], n, p)
+    return FittedModels(tuple(groups), tuple(models), plan, summary.minima)
+
+
+class _RunningMin:
+    """Per-volume minimum of the float64 pieces passing through."""
+
+    def __init__(self, n):
+        self.value = np.full(n, np.inf)
+
+    def __call__(self, piece):
+        np.minimum(self.value, piece.min(axis=0), out=self.value)
+        return piece
+
+
+def _post(shift, clip):
+    def apply(piece):
+        if shift is not None:
+            piece += shift
+        if clip:
+            np.maximum(piece, 0.0, out=piece)
+        return piece
+    return apply
+
+
+def _predict_min_chunk(block, fitted: FittedModels, radius):
+    n = block.shape[-1]
+    running = _RunningMin(n)
+    scratch = np.empty(_interior(block, radius).shape[:3] + (n,), dtype=np.float32)
+    predict_block(block, radius, fitted.plan, out=scratch, transform=running)
+    return running.value.reshape(1, 1, 1, -1)
+
+
+def _predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype):
+    out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],), dtype=dtype)
+    post = _post(shift, clip)
+    return predict_block(block, radius, fitted.plan, out=out,
+                         transform=lambda piece: cast(post(piece), dtype))
+
+
+def prediction_minima(arr: da.Array, fitted, radius) -> da.Array:
+    """Pass 2: per-volume minimum ``(n,)`` of the unshifted prediction."""
+    halo = with_halo(arr, radius)
+    n = arr.shape[3]
+    chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((n,),)
+    mins = da.map_blocks(_predict_min_chunk, halo, fitted, radius, dtype=np.float64,
+                         chunks=chunks, meta=np.empty((0, 0, 0, 0)))
+    return mins.min(axis=(0, 1, 2))
+
+
+def predict(arr: da.Array, fitted, radius, shift=None, clip=False,
+            out_dtype=np.float64) -> da.Array:
+    """Pass 3: the denoised array (shifted, clipped and cast per chunk).
+
+    ``fitted`` and ``shift`` may be concrete or Delayed.
+    """
+    halo = with_halo(arr, radius)
+    dtype = np.dtype(out_dtype)
+    return da.map_blocks(_predict_chunk, halo, fitted, radius, shift, clip, dtype,
+                         dtype=dtype, chunks=arr.chunks,
+                         meta=np.empty((0, 0, 0, 0), dtype=dtype))
+
+
+def _shifts(fitted: FittedModels, pred_minima):
+    return intensity_shift(fitted.minima, pred_minima)
+
+
+def denoise(arr: da.Array, groups: list[Group], radius, *, model="ols", alpha=1.0,
+            mask=None, shift_intensity=True, clip_negative_vals=False,
+            out_dtype=np.float32) -> da.Array:
+    """The whole method as one lazy graph with bounded memory.
+
+    Each pass re-reads the input (:func:`dask.graph_manipulation.bind` makes a
+    copy of the input graph that waits for the previous pass), so no pass holds
+    the data in memory waiting for a global result.
+    """
+    summary = summarize(arr, groups, radius, mask)
+    fitted = dask.delayed(fit_models, pure=True)(summary, groups, radius, model, alpha)
+    shift = None
+    after = fitted
+    if shift_intensity:
+        pred_min = prediction_minima(bind(arr, fitted), fitted, radius)
+        shift = dask.delayed(_shifts, pure=True)(fitted, pred_min)
+        after = shift
+    return predict(bind(arr, after), fitted, radius, shift, clip_negative_vals,
+                   out_dtype)
+
+
+def _predict_into_chunk(block, fitted: FittedModels, radius, clip, target, starts,
+                        block_info=None):
+    loc = block_info[None]["chunk-location"]
+    inner = _interior(block, radius).shape
+    region = tuple(slice(int(starts[a][loc[a]]), int(starts[a][loc[a]]) + inner[a])
+                   for a in range(3))
+    running = _RunningMin(block.shape[-1])
+    post = _post(None, clip)
+    # a view into the caller's array: each chunk writes its own disjoint region
+    predict_block(block, radius, fitted.plan, out=target[region],
+                  transform=lambda piece: post(running(piece)))
+    return running.value.reshape(1, 1, 1, -1)
+
+
+def denoise_into(arr: da.Array, target: np.ndarray, groups: list[Group], radius, *,
+                 model="ols", alpha=1.0, mask=None, shift_intensity=True,
+                 clip_negative_vals=False, check_finite=True, compute_kwargs=None):
+    """The method in two passes for a floating-point in-memory ``target``.
+
+    The prediction is written unshifted while its per-volume minima are
+    gathered, then the shift is added in place: one prediction pass instead of
+    two, at the price of one extra rounding in float32 outputs.
+    """
+    compute_kwargs = compute_kwargs or {"scheduler": "threads"}
+    if not np.issubdtype(target.dtype, np.floating):
+        raise TypeError("denoise_into needs a floating-point target")
+    summary = summarize(arr, groups, radius, mask, check_finite).compute(**compute_kwargs)
+    fitted = fit_models(summary, groups, radius, model, alpha)
+    halo = with_halo(arr, radius)
+    n = arr.shape[3]
+    chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((n,),)
+    mins = da.map_blocks(_predict_into_chunk, halo, fitted, radius,
+                         clip_negative_vals, target, _chunk_origins(arr.chunks),
+                         dtype=np.float64, chunks=chunks,
+                         meta=np.empty((0, 0, 0, 0)))
+    pred_min = mins.min(axis=(0, 1, 2)).compute(**compute_kwargs)
+    if shift_intensity:
+        target += intensity_shift(fitted.minima, pred_min).astype(target.dtype)
+    return target

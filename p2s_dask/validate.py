@@ -1,0 +1,101 @@
+"""Checks of the user's arguments, run before any work starts."""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+
+import numpy as np
+
+from .core.patches import normalize_radius
+from .core.solve import MODELS
+from .errors import InputError
+
+
+def check_shape(shape) -> None:
+    """The data must be 4D: three spatial axes and volumes."""
+    if len(shape) != 4:
+        raise InputError(
+            f"data must be 4D (x, y, z, volumes); got {len(shape)}D with shape "
+            f"{tuple(shape)}"
+        )
+    if min(shape) < 1:
+        raise InputError(f"data has an empty axis: shape {tuple(shape)}")
+
+
+def check_bvals(bvals, n_volumes: int) -> np.ndarray:
+    """bvals must be finite numbers, one per volume."""
+    arr = np.asarray(bvals, dtype=np.float64).ravel()
+    if arr.size != n_volumes:
+        raise InputError(
+            f"bvals has {arr.size} values but the data has {n_volumes} volumes"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise InputError("bvals contains NaN or Inf")
+    if n_volumes < 10:
+        warnings.warn(
+            f"the data has {n_volumes} volumes (fewer than 10): Patch2Self "
+            "may not denoise well", UserWarning, stacklevel=3,
+        )
+    return arr
+
+
+def check_options(*, patch_radius, model, alpha, version, out_dtype):
+    """Validate the scalar options; return ``(radius, model, out_dtype)``."""
+    radius = normalize_radius_or_raise(patch_radius)
+    if not isinstance(model, str):
+        raise InputError(
+            "model must be one of 'ols', 'ridge', 'lasso' (p2s_dask solves from "
+            f"sufficient statistics and cannot use estimator objects); got {model!r}"
+        )
+    model = model.lower()
+    if model not in MODELS:
+        raise InputError(
+            f"unknown model {model!r}: use one of 'ols', 'ridge', 'lasso'"
+        )
+    if not isinstance(alpha, numbers.Real) or not np.isfinite(alpha) or alpha < 0:
+        raise InputError(f"alpha must be a finite number >= 0; got {alpha!r}")
+    if version not in (1, 3):
+        raise InputError(f"version must be 1 or 3; got {version!r}")
+    if version == 3 and any(radius):
+        raise InputError(
+            "version=3 works with patch_radius=0 only (as in DIPY); use version=1 "
+            "for larger patches"
+        )
+    if out_dtype is not None:
+        try:
+            out_dtype = np.dtype(out_dtype)
+        except TypeError as exc:
+            raise InputError(f"out_dtype {out_dtype!r} is not a NumPy dtype") from exc
+        if not (np.issubdtype(out_dtype, np.number) or out_dtype == np.bool_):
+            raise InputError(f"out_dtype must be numeric; got {out_dtype}")
+    return radius, model, out_dtype
+
+
+def normalize_radius_or_raise(patch_radius):
+    try:
+        return normalize_radius(patch_radius)
+    except (ValueError, TypeError) as exc:
+        raise InputError(str(exc)) from None
+
+
+def describe_nonfinite(count: int, first) -> str:
+    """One-line message for NaN/Inf in the data."""
+    where = ", ".join(str(int(i)) for i in first)
+    return (f"data contains {count} NaN or Inf value(s); the first is at index "
+            f"({where}) (x, y, z, volume)")
+
+
+def check_finite(data: np.ndarray) -> None:
+    """Raise if an in-memory array holds NaN or Inf (count and first index)."""
+    if not np.issubdtype(data.dtype, np.floating) and not np.issubdtype(
+            data.dtype, np.complexfloating):
+        return
+    # A float64 sum is one fast pass; only a non-finite total needs the count.
+    if np.isfinite(np.add.reduce(data, axis=None, dtype=np.float64)):
+        return
+    bad = ~np.isfinite(data)
+    count = int(np.count_nonzero(bad))
+    if count:
+        first = np.unravel_index(int(np.argmax(bad)), data.shape)
+        raise InputError(describe_nonfinite(count, first))
