@@ -269,7 +269,8 @@ def _predict_min_chunk(block, fitted: FittedModels, radius):
     return running.value.reshape(1, 1, 1, -1)
 
 
-def _predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype):
+def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype):
+    """Denoised, shifted, clipped and cast values of one block's interior."""
     out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],), dtype=dtype)
     post = _post(shift, clip)
     return predict_block(block, radius, fitted.plan, out=out,
@@ -294,7 +295,7 @@ def predict(arr: da.Array, fitted, radius, shift=None, clip=False,
     """
     halo = with_halo(arr, radius)
     dtype = np.dtype(out_dtype)
-    return da.map_blocks(_predict_chunk, halo, fitted, radius, shift, clip, dtype,
+    return da.map_blocks(predict_chunk, halo, fitted, radius, shift, clip, dtype,
                          dtype=dtype, chunks=arr.chunks,
                          meta=np.empty((0, 0, 0, 0), dtype=dtype))
 
