@@ -133,6 +133,8 @@ def _denoise(args):
         memory_limit=args.memory_limit, workers=args.workers, threads=args.threads,
         scheduler=args.scheduler, overwrite=args.overwrite, tmp_dir=args.tmp_dir,
         storage_options=args.storage_options, progress=not args.quiet)
+    if report.resumed:
+        print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
     print(report.summary_line())
 
 

@@ -222,9 +222,23 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
     elif exists(out, storage_options) and not work.has("params.json"):
         raise InputError(f"{out} exists (an unfinished store not made by this run); "
                          "pass --overwrite to replace it")
+    # everything that can be wrong with the input is checked before any work
+    shape, stored = _probe(inp, in_kind, storage_options)
+    check_shape(shape)
     bvals, bvecs = _gradients(inp, in_kind, bvals, bvecs, storage_options)
+    if bvals is None and stored is not None:
+        bvals, bvecs = stored.bvals, stored.bvecs if bvecs is None else bvecs
+    if bvals is None:
+        raise InputError(f"{inp} stores no bvals; pass --bvals")
+    bvals = check_bvals(bvals, shape[3])
+    if bvecs is not None and np.asarray(bvecs).size != 3 * shape[3]:
+        raise InputError(f"bvecs has {np.asarray(bvecs).size // 3} vectors but the data "
+                         f"has {shape[3]} volumes")
+    groups = make_groups(bvals, shape[3], b0_threshold=options.b0_threshold,
+                         b0_denoising=options.b0_denoising, groups=options.groups)
+    mask = _load_mask(options.mask, shape, storage_options)
     identity = {"input": str(inp), "output": str(out), "options": options.identity(),
-                "bvals": None if bvals is None else np.asarray(bvals, float).tolist()}
+                "bvals": bvals.tolist()}
     resumed = []
     if work.has("params.json"):
         if json.loads(work.read_bytes("params.json")) != identity:
@@ -248,8 +262,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         if in_kind == "nifti":
             src = work.file("input.zarr")
             if not (exists(src, storage_options) and is_complete(src, storage_options)):
-                probe = _nifti_shape(inp, storage_options)
-                chunks = _engine_chunks(probe, budget, n_threads, options.chunks)
+                chunks = _engine_chunks(shape, budget, n_threads, options.chunks)
                 nifti_to_zarr(inp, src, chunks=chunks, memory_limit=budget, bvals=bvals,
                               bvecs=bvecs, overwrite=True, storage_options=storage_options,
                               progress=progress)
@@ -259,22 +272,9 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
             src = inp
         values, meta = open_dwi(src, storage_options)
         report.stages["input"] = time.perf_counter() - t0
-        shape = tuple(values.shape)
         report.shape = shape
-        check_shape(shape)
-        if bvals is None:
-            bvals = meta.bvals
-        if bvals is None:
-            raise InputError(f"{inp} stores no bvals; pass --bvals")
-        bvals = check_bvals(bvals, shape[3])
-        if bvecs is not None and np.asarray(bvecs).size != 3 * shape[3]:
-            raise InputError(f"bvecs has {np.asarray(bvecs).size // 3} vectors but the data "
-                             f"has {shape[3]} volumes")
-        groups = make_groups(bvals, shape[3], b0_threshold=options.b0_threshold,
-                             b0_denoising=options.b0_denoising, groups=options.groups)
         chunks = _engine_chunks(shape, budget, n_threads, options.chunks)
         arr = engine.as_chunked(values, chunks, radius)
-        mask = _load_mask(options.mask, shape, storage_options)
 
         # -- stage 2: statistics
         t0 = time.perf_counter()
@@ -340,11 +340,16 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
     return report
 
 
-def _nifti_shape(url, storage_options):
+def _probe(url, kind, storage_options):
+    """Shape of the input from its header, and the stored meta of a Zarr input."""
+    if kind == "zarr":
+        from .io import open_dwi_array
+        array, meta = open_dwi_array(url, storage_options)
+        return tuple(array.shape), meta
     from .io.nifti_stream import NiftiReader
     reader = NiftiReader(url, storage_options=storage_options)
     try:
-        return tuple(reader.meta.shape)
+        return tuple(reader.meta.shape), None
     finally:
         reader.close()
 
@@ -373,10 +378,18 @@ def _load_mask(mask, shape, storage_options):
     return arr.reshape(shape[:3]) > 0
 
 
+# seconds to wait after each output chunk: lets tests interrupt a run mid-way
+CHUNK_DELAY_ENV = "P2S_DASK_CHUNK_DELAY"
+
+
 def _write_chunk(block, region, fitted, radius, shift, clip, dtype, target, work, key):
     out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype)
     target[region] = out
+    # the marker goes after the data: a marked chunk is always fully written
     work.mark_done(key)
+    delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
+    if delay:
+        time.sleep(delay)
     return key
 
 
