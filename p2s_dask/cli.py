@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--workers", type=int, default=None,
                      help="local worker processes (default 1, threads in this process)")
     den.add_argument("--threads", type=int, default=None, help="threads per worker")
+    den.add_argument("--report-json", default=None, metavar="FILE",
+                     help="also write the run's timings and peak memory as JSON")
     den.add_argument("--scheduler", default=None, metavar="ADDRESS",
                      help="use an existing Dask scheduler (or $P2S_DASK_SCHEDULER)")
     _common(den)
@@ -136,6 +138,9 @@ def _denoise(args):
     if report.resumed:
         print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
     print(report.summary_line())
+    if args.report_json:
+        with open(args.report_json, "w") as fh:
+            json.dump(report.as_dict(), fh, indent=1)
 
 
 def _demo(args):

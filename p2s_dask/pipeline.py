@@ -28,7 +28,7 @@ import dask
 import numpy as np
 
 from . import engine
-from .cluster import dask_client
+from .cluster import dask_client, scheduler_address
 from .core.postprocess import intensity_shift, resolve_postprocess
 from .errors import InputError
 from .groups import make_groups
@@ -36,8 +36,10 @@ from .io import (
     fs_and_path, fsl_siblings, is_complete, kind_of, nifti_to_zarr, open_dwi,
     read_bvals, read_bvecs, user_errors, zarr_to_nifti,
 )
+from .io import mark_complete, open_dwi_array
 from .io.budget import parse_memory_limit
-from .io.urls import exists, join, remove
+from .io.nifti_direct import create_nifti, is_plain_nifti, open_nifti, write_block
+from .io.urls import exists, is_local, join, local_path, remove
 from .io.zarr_store import create_dwi_store
 from .memory import PeakMemory
 from .threads import single_threaded_blas
@@ -86,6 +88,11 @@ class Report:
     def voxels_per_second(self) -> float:
         return float(np.prod(self.shape[:3])) / max(self.seconds, 1e-9)
 
+    def as_dict(self) -> dict:
+        return dict(output=self.output, shape=list(self.shape), stages=self.stages,
+                    seconds=self.seconds, peak_rss=self.peak_rss, resumed=self.resumed,
+                    voxels_per_second=self.voxels_per_second)
+
     def summary_line(self) -> str:
         from dask.utils import format_bytes
         return (f"p2s-dask: denoised {'x'.join(map(str, self.shape))} in "
@@ -94,7 +101,11 @@ class Report:
 
 
 class _Work:
-    """The run's scratch store: small files via fsspec, stores as URLs."""
+    """The run's scratch store: small files via fsspec, stores as URLs.
+
+    Every access is wrapped in ``user_errors``, so a missing bucket or
+    denied access while writing the work store is one line, not a traceback.
+    """
 
     def __init__(self, url, storage_options):
         self.url = str(url).rstrip("/")
@@ -104,32 +115,47 @@ class _Work:
     def file(self, name):
         return join(self.url, name)
 
+    def makedirs(self, name=""):
+        # object stores have no folders, and s3fs's makedirs would create a
+        # missing bucket: a typo in OUT must be an error, not a new bucket
+        if is_local(self.url):
+            with user_errors(self.url, "writing"):
+                self.fs.makedirs(f"{self.path}/{name}".rstrip("/"), exist_ok=True)
+
     def has(self, name) -> bool:
-        return self.fs.exists(f"{self.path}/{name}")
+        with user_errors(self.url, "reading"):
+            return self.fs.exists(f"{self.path}/{name}")
 
     def write_bytes(self, name, data: bytes):
         # write then rename, so a crash never leaves a half-written file
         tmp = f"{self.path}/{name}.tmp"
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        self.fs.mv(tmp, f"{self.path}/{name}")
+        with user_errors(self.url, "writing"):
+            with self.fs.open(tmp, "wb") as fh:
+                fh.write(data)
+            self.fs.mv(tmp, f"{self.path}/{name}")
 
     def read_bytes(self, name) -> bytes:
-        with self.fs.open(f"{self.path}/{name}", "rb") as fh:
+        with user_errors(self.url, "reading"), self.fs.open(f"{self.path}/{name}", "rb") as fh:
             return fh.read()
 
     def done_chunks(self) -> set:
-        if not self.fs.exists(f"{self.path}/done"):
-            return set()
-        return {os.path.basename(p.rstrip("/")) for p in self.fs.ls(f"{self.path}/done",
-                                                                     detail=False)}
+        with user_errors(self.url, "reading"):
+            # another process (a worker) wrote the markers: no cached listing
+            self.fs.invalidate_cache(self.path)
+            if not self.fs.exists(f"{self.path}/done"):
+                return set()
+            return {os.path.basename(p.rstrip("/"))
+                    for p in self.fs.ls(f"{self.path}/done", detail=False)}
 
     def mark_done(self, key: str):
-        self.fs.pipe(f"{self.path}/done/{key}", b"")
+        with user_errors(self.url, "writing"):
+            self.fs.pipe(f"{self.path}/done/{key}", b"")
 
     def remove(self):
-        if self.fs.exists(self.path):
-            self.fs.rm(self.path, recursive=True)
+        with user_errors(self.url, "writing"):
+            self.fs.invalidate_cache(self.path)
+            if self.fs.exists(self.path):
+                self.fs.rm(self.path, recursive=True)
 
 
 def _work_url(out, tmp_dir):
@@ -246,7 +272,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
                              "or options; pass --overwrite to discard it")
         resumed.append("work store")
     else:
-        work.fs.makedirs(work.path, exist_ok=True)
+        work.makedirs()
         work.write_bytes("params.json", json.dumps(identity).encode())
 
     report = Report(output=str(out), shape=())
@@ -259,7 +285,13 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
 
         # -- stage 1: the input as a Zarr store with chunks holding all volumes
         t0 = time.perf_counter()
-        if in_kind == "nifti":
+        local_cluster = scheduler_address(scheduler) is None
+        if in_kind == "nifti" and local_cluster and is_plain_nifti(inp):
+            # random access: read the .nii in place, no conversion
+            src = None
+            values, meta = open_nifti(inp, _engine_chunks(shape, budget, n_threads,
+                                                          options.chunks))
+        elif in_kind == "nifti":
             src = work.file("input.zarr")
             if not (exists(src, storage_options) and is_complete(src, storage_options)):
                 chunks = _engine_chunks(shape, budget, n_threads, options.chunks)
@@ -270,7 +302,8 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
                 resumed.append("input")
         else:
             src = inp
-        values, meta = open_dwi(src, storage_options)
+        if src is not None:
+            values, meta = open_dwi(src, storage_options)
         report.stages["input"] = time.perf_counter() - t0
         report.shape = shape
         chunks = _engine_chunks(shape, budget, n_threads, options.chunks)
@@ -306,30 +339,42 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         t0 = time.perf_counter()
         if out_dtype is None:
             out_dtype = _default_out_dtype(meta)
-        target_url = work.file("output.zarr") if out_kind == "nifti" else str(out)
         out_meta = meta.for_values(np.dtype(out_dtype), shape)
+        direct_out = out_kind == "nifti" and local_cluster and str(out).endswith(".nii") \
+            and is_local(out)
         done = work.done_chunks()
-        if done and exists(target_url, storage_options):
-            from .io import open_dwi_array
-            target, _ = open_dwi_array(target_url, storage_options, require_complete=False,
-                                       mode="r+")
-            resumed.append(f"{len(done)} output chunks")
+        work.makedirs("done")
+        if direct_out:
+            target_url = work.file("output.nii")
+            if not (done and exists(target_url)):
+                done = set()
+                create_nifti(local_path(target_url), out_meta)
+            sink = NiftiSink(local_path(target_url), out_meta)
         else:
-            done = set()
-            target = create_dwi_store(target_url, shape, out_dtype, chunks, out_meta,
-                                      overwrite=True, storage_options=storage_options)
-        work.fs.makedirs(f"{work.path}/done", exist_ok=True)
+            target_url = work.file("output.zarr") if out_kind == "nifti" else str(out)
+            if done and exists(target_url, storage_options):
+                target, _ = open_dwi_array(target_url, storage_options,
+                                           require_complete=False, mode="r+")
+            else:
+                done = set()
+                target = create_dwi_store(target_url, shape, out_dtype, chunks, out_meta,
+                                          overwrite=True, storage_options=storage_options)
+            sink = ZarrSink(target)
+        if done:
+            resumed.append(f"{len(done)} output chunks")
         tasks = _write_tasks(arr, fitted, radius, shift_values, clip, np.dtype(out_dtype),
-                             target, work, done)
+                             sink, work, done)
         if tasks:
             _compute(client, tasks, "predict", progress)
-        from .io import mark_complete
-        mark_complete(target_url, storage_options)
+        if not direct_out:
+            mark_complete(target_url, storage_options)
         report.stages["predict"] = time.perf_counter() - t0
 
         # -- stage 5: the NIfTI output
         t0 = time.perf_counter()
-        if out_kind == "nifti":
+        if direct_out:
+            os.replace(local_path(target_url), local_path(out))
+        elif out_kind == "nifti":
             zarr_to_nifti(target_url, out, memory_limit=budget, overwrite=True,
                           storage_options=storage_options, progress=progress)
         report.stages["output"] = time.perf_counter() - t0
@@ -382,9 +427,29 @@ def _load_mask(mask, shape, storage_options):
 CHUNK_DELAY_ENV = "P2S_DASK_CHUNK_DELAY"
 
 
-def _write_chunk(block, region, fitted, radius, shift, clip, dtype, target, work, key):
+class ZarrSink:
+    """Output chunks into a Zarr array (whole chunks, so no locking)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def write(self, region, values):
+        self.array[region] = values
+
+
+class NiftiSink:
+    """Output chunks written in place into an uncompressed ``.nii``."""
+
+    def __init__(self, path, meta):
+        self.path, self.meta = path, meta
+
+    def write(self, region, values):
+        write_block(self.path, self.meta, region, values)
+
+
+def _write_chunk(block, region, fitted, radius, shift, clip, dtype, sink, work, key):
     out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype)
-    target[region] = out
+    sink.write(region, out)
     # the marker goes after the data: a marked chunk is always fully written
     work.mark_done(key)
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
@@ -393,7 +458,7 @@ def _write_chunk(block, region, fitted, radius, shift, clip, dtype, target, work
     return key
 
 
-def _write_tasks(arr, fitted, radius, shift, clip, dtype, target, work, done):
+def _write_tasks(arr, fitted, radius, shift, clip, dtype, sink, work, done):
     halo = engine.with_halo(arr, radius)
     blocks = halo.to_delayed()
     starts = [np.cumsum((0,) + c[:-1]) for c in arr.chunks[:3]]
@@ -407,7 +472,7 @@ def _write_tasks(arr, fitted, radius, shift, clip, dtype, target, work, done):
         region = tuple(slice(int(starts[a][idx[a]]), int(starts[a][idx[a]] + arr.chunks[a][idx[a]]))
                        for a in range(3))
         tasks.append(write(blocks[idx + (0,)], region, fitted_d, radius, shift, clip, dtype,
-                           target, work, key))
+                           sink, work, key))
     return tasks
 
 

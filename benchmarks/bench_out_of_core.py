@@ -1,0 +1,207 @@
+"""Out-of-core benchmark: a dataset larger than the memory budget, NIfTI -> NIfTI.
+
+Generates (streaming, one volume at a time) a 4D int16 NIfTI with 300 volumes
+and at least 10 GB of voxel data, runs ``p2s-dask denoise IN OUT
+--memory-limit 2GiB`` in a subprocess, samples the peak RSS of that whole
+process tree, and reads the time of each stage from the command's JSON
+report. The I/O floor is measured in the same run: reading the input once
+and writing a file of the same size (with the page cache dropped first, when
+this user may drop it).
+
+Usage::
+
+    python benchmarks/bench_out_of_core.py --shape 256 256 256 --nvols 300 \
+        --workdir /tmp/p2s_ooc --json benchmarks/results/bench_out_of_core.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import psutil
+
+CHUNK = 16 << 20
+
+
+def drop_caches() -> bool:
+    """Drop the page cache so that reads come from the disk (root only)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def generate(path: Path, shape, nvols, seed=0):
+    """Write a low-rank 'anatomy x per-volume contrast' signal plus noise.
+
+    One volume is in memory at a time; the file is written sequentially.
+    """
+    rng = np.random.default_rng(seed)
+    nx, ny, nz = shape
+    x = np.linspace(-1, 1, nx, dtype=np.float32)[:, None, None]
+    y = np.linspace(-1, 1, ny, dtype=np.float32)[None, :, None]
+    z = np.linspace(-1, 1, nz, dtype=np.float32)[None, None, :]
+    r2 = x * x / 0.8 + y * y / 0.9 + z * z / 0.7
+    anatomy = np.where(r2 < 1, 1000 * (1.1 - 0.3 * r2), 0).astype(np.float32)
+    bases = [np.cos(3 * x + 2 * y) * np.ones_like(z), np.sin(2 * y - z) * np.ones_like(x),
+             np.cos(x * z * 4) * np.ones_like(y)]
+    nb0 = max(1, nvols // 16)
+    bvals = np.array([0] * nb0 + [1000] * ((nvols - nb0) // 2) +
+                     [2000] * (nvols - nb0 - (nvols - nb0) // 2))
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(tuple(shape) + (nvols,))
+    hdr.set_data_dtype(np.int16)
+    hdr.set_xyzt_units("mm", "sec")
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    hdr.set_qform(affine, 1)
+    hdr.set_sform(affine, 1)
+    hdr["vox_offset"] = 352
+    with open(path, "wb") as fh:
+        fh.write(hdr.binaryblock)
+        fh.write(b"\0" * (352 - len(hdr.binaryblock)))
+        for v in range(nvols):
+            if bvals[v] == 0:
+                contrast = anatomy
+            else:
+                c = rng.uniform(0.2, 0.5, 4).astype(np.float32)
+                mod = c[0] + 0.15 * (c[1] * bases[0] + c[2] * bases[1] + c[3] * bases[2])
+                contrast = anatomy * mod
+            vol = contrast + rng.standard_normal(shape, dtype=np.float32) * 30
+            # NIfTI is x-fastest: write the transposed C array
+            fh.write(np.clip(np.rint(vol), -32768, 32767).astype("<i2").T.tobytes())
+    base = str(path)[: -len(".nii")]
+    np.savetxt(base + ".bval", bvals[None], fmt="%d")
+    vecs = rng.normal(size=(3, nvols))
+    vecs /= np.linalg.norm(vecs, axis=0)
+    vecs[:, bvals == 0] = 0
+    np.savetxt(base + ".bvec", vecs, fmt="%.6f")
+
+
+def io_floor(src: Path, scratch: Path) -> dict:
+    """Seconds to read ``src`` once and to write (and fsync) as many bytes."""
+    dropped = drop_caches()
+    t0 = time.perf_counter()
+    size = 0
+    with open(src, "rb", buffering=0) as fh:
+        buf = bytearray(CHUNK)
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            size += n
+    read_s = time.perf_counter() - t0
+    block = np.random.default_rng(1).integers(0, 255, CHUNK, dtype=np.uint8).tobytes()
+    t0 = time.perf_counter()
+    with open(scratch, "wb", buffering=0) as fh:
+        left = size
+        while left > 0:
+            left -= fh.write(block[: min(CHUNK, left)])
+        os.fsync(fh.fileno())
+    write_s = time.perf_counter() - t0
+    scratch.unlink()
+    return dict(bytes=size, read_s=read_s, write_s=write_s, floor_s=read_s + write_s,
+                cache_dropped=dropped)
+
+
+def run_denoise(src: Path, out: Path, memory_limit: str, extra) -> dict:
+    """Run the CLI and sample the RSS of its whole process tree."""
+    report = out.with_suffix(".report.json")
+    cmd = [sys.executable, "-m", "p2s_dask.cli", "denoise", str(src), str(out),
+           "--memory-limit", memory_limit, "--report-json", str(report), "--quiet",
+           "--overwrite", *extra]
+    drop_caches()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    ps = psutil.Process(proc.pid)
+    peak = 0
+    stop = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not stop.is_set():
+            try:
+                procs = [ps] + ps.children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in procs
+                                     if p.is_running()))
+            except psutil.Error:
+                pass
+            stop.wait(0.05)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    rc = proc.wait()
+    stop.set()
+    th.join()
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"p2s-dask failed with exit code {rc}")
+    stages = json.loads(report.read_text())
+    report.unlink()
+    return dict(wall_s=wall, peak_rss_tree=peak, command=" ".join(cmd[1:]), **stages)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 256])
+    p.add_argument("--nvols", type=int, default=300)
+    p.add_argument("--memory-limit", default="2GiB")
+    p.add_argument("--workdir", default="/tmp/p2s_ooc")
+    p.add_argument("--keep", action="store_true", help="keep the generated data")
+    p.add_argument("--json", default="benchmarks/results/bench_out_of_core.json")
+    p.add_argument("extra", nargs="*", help="extra p2s-dask denoise options (after --)")
+    a = p.parse_args(argv)
+
+    work = Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "dwi.nii"
+    nbytes = int(np.prod(a.shape)) * a.nvols * 2
+    if not src.exists() or src.stat().st_size != nbytes + 352:
+        t0 = time.perf_counter()
+        generate(src, tuple(a.shape), a.nvols)
+        print(f"generated {src} ({nbytes / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f} s",
+              flush=True)
+    floor = io_floor(src, work / "floor.tmp")
+    print(f"I/O floor: read {floor['read_s']:.1f} s + write {floor['write_s']:.1f} s "
+          f"= {floor['floor_s']:.1f} s", flush=True)
+    res = run_denoise(src, work / "dwi_denoised.nii", a.memory_limit, a.extra)
+    out = dict(
+        shape=list(a.shape) + [a.nvols], dtype="int16", data_bytes=nbytes,
+        memory_limit=a.memory_limit, io_floor=floor, denoise=res,
+        ratio_to_floor=res["wall_s"] / floor["floor_s"],
+        machine=dict(cpus=os.cpu_count(), memory=psutil.virtual_memory().total,
+                     python=platform.python_version(), date=time.strftime("%Y-%m-%d")),
+    )
+    rows = [("stage", "seconds")] + [(k, f"{v:.1f}") for k, v in res["stages"].items()]
+    rows += [("whole denoise (wall)", f"{res['wall_s']:.1f}"),
+             ("I/O floor (read + write)", f"{floor['floor_s']:.1f}"),
+             ("ratio to floor", f"{out['ratio_to_floor']:.2f}"),
+             ("peak RSS, process tree", f"{res['peak_rss_tree'] / 2**30:.2f} GiB")]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{a.shape[0]}x{a.shape[1]}x{a.shape[2]}x{a.nvols} int16, "
+          f"{nbytes / 1e9:.1f} GB, --memory-limit {a.memory_limit}")
+    for name, val in rows:
+        print(f"{name:<{width}}  {val}")
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=1))
+    if not a.keep:
+        for f in work.glob("dwi*"):
+            if f.is_file():
+                f.unlink()
+    return out
+
+
+if __name__ == "__main__":
+    main()
