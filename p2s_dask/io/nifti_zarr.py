@@ -1,0 +1,283 @@
+"""NIfTI <-> Zarr conversion, streaming, within a memory limit.
+
+A NIfTI holds its data volume after volume; our store chunks hold all
+volumes of a spatial block. Both directions stream the NIfTI sequentially in
+slabs of k volumes and go through a local scratch file laid out block by
+block (see :mod:`.scratch`), so every store chunk is written or read once.
+When all data fits in one slab, or (for writing a NIfTI) reading each chunk
+at most twice is enough, the scratch file is skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import posixpath
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import InputError
+from .background import run_pipelined
+from .budget import DEFAULT_MEMORY_LIMIT, parse_memory_limit, plan
+from .fsl import fsl_siblings, read_bvals, read_bvecs
+from .layout import to_c_order, to_f_order
+from .malloc import return_freed_memory, trim
+from .meta import DwiMeta
+from .nifti_stream import NiftiReader, NiftiWriter
+from .scratch import BlockScratch, for_each_block
+from .urls import exists, is_local, kind_of, local_path, remove
+from .zarr_store import create_dwi_store, mark_complete, open_dwi_array, zarr_concurrency
+
+__all__ = ["nifti_to_zarr", "zarr_to_nifti"]
+
+# writing a NIfTI straight from the store decodes every chunk once per pass;
+# a second decode costs about what the scratch file's write, read and
+# reassembly cost, and needs no disk space, so up to two passes go direct
+_MAX_DIRECT_PASSES = 2
+
+
+def _name(url) -> str:
+    return posixpath.basename(os.fspath(url).rstrip("/"))
+
+
+def _bar(progress, total, desc):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
+                disable=not progress, dynamic_ncols=True)
+
+
+def _concurrency(slab_bytes, chunk_bytes):
+    """Chunks a slab read/write may hold at once: their copies fit in a slab."""
+    return max(1, min(8, slab_bytes // max(1, chunk_bytes)))
+
+
+def _gradient_table(src, bvals, bvecs, storage_options):
+    """bvals/bvecs given as arrays or files, else the FSL files next to ``src``."""
+    if bvals is None or bvecs is None:
+        bval_url, bvec_url = fsl_siblings(src, storage_options)
+        bvals = bval_url if bvals is None else bvals
+        bvecs = bvec_url if bvecs is None else bvecs
+    if isinstance(bvals, (str, os.PathLike)):
+        bvals = read_bvals(bvals, storage_options)
+    if isinstance(bvecs, (str, os.PathLike)):
+        bvecs = read_bvecs(bvecs, storage_options)
+    return bvals, bvecs
+
+
+def _check_kinds(src, want_src, dst, want_dst):
+    for url, want, role in ((src, want_src, "source"), (dst, want_dst, "destination")):
+        if kind_of(url) != want:
+            expected = ".nii or .nii.gz file" if want == "nifti" else ".zarr store"
+            raise InputError(f"{os.fspath(url)}: the {role} must be a {expected}")
+
+
+def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, bvals=None,
+                  bvecs=None, overwrite=False, storage_options=None, tmp_dir=None,
+                  progress=True) -> DwiMeta:
+    """Convert a NIfTI DWI to our Zarr layout, reading the file once.
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        ``.nii`` or ``.nii.gz``, local or fsspec URL (e.g. ``s3://``).
+    dst : str or os.PathLike
+        The new ``.zarr`` store, local or fsspec URL. It is marked complete
+        only at the end, and removed if the conversion fails.
+    chunks : sequence of 3 ints, optional
+        Spatial chunk shape; each chunk holds all volumes. Default: near-cubic
+        blocks of about 32 MiB (less for small ``memory_limit``).
+    memory_limit : int or str, optional
+        Bytes (or e.g. ``"512 MiB"``) the conversion may hold; default 2 GiB.
+    bvals, bvecs : array-like or str, optional
+        Arrays or FSL text files. By default the ``.bval``/``.bvec`` files
+        next to ``src`` if they exist, else none are stored.
+    overwrite : bool, optional
+        Replace an existing ``dst``; otherwise refuse.
+    storage_options : dict, optional
+        fsspec options for every URL involved (credentials, endpoint, ...).
+    tmp_dir : str, optional
+        Local folder for the scratch file, which takes the uncompressed size
+        of the data; default the system's temporary folder.
+    progress : bool, optional
+        Show progress bars.
+
+    Returns
+    -------
+    DwiMeta
+        What was stored.
+    """
+    _check_kinds(src, "nifti", dst, "zarr")
+    limit = parse_memory_limit(memory_limit)
+    return_freed_memory()
+    if not overwrite and exists(dst, storage_options):
+        raise InputError(f"{os.fspath(dst)} already exists; pass overwrite=True to replace it")
+    with NiftiReader(src, storage_options) as reader:
+        meta = reader.meta.with_gradients(*_gradient_table(src, bvals, bvecs, storage_options))
+        the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, chunks)
+        store = create_dwi_store(dst, meta.shape, meta.raw_dtype, the_plan.chunks, meta,
+                                 overwrite=overwrite, storage_options=storage_options)
+        try:
+            total = reader.data_bytes
+            if the_plan.single_slab:
+                with _bar(progress, total, f"read {_name(src)}") as bar:
+                    _nifti_into_store(reader, store, the_plan, bar)
+            else:
+                with BlockScratch(meta.shape, the_plan.chunks, meta.raw_dtype,
+                                  tmp_dir) as scratch:
+                    with _bar(progress, total, f"read {_name(src)}") as bar:
+                        _nifti_into_scratch(reader, scratch, the_plan, bar)
+                    with _bar(progress, total, f"write {_name(dst)}") as bar:
+                        _scratch_into_store(scratch, store, the_plan, bar)
+            mark_complete(dst, storage_options)
+        except BaseException:
+            # the store is ours and unusable; nothing of the user's is lost
+            with contextlib.suppress(Exception):
+                remove(dst, storage_options)
+            raise
+        finally:
+            trim()
+    return meta
+
+
+def _runs(the_plan):
+    """The volume runs ``(v0, v1)`` of the plan's slabs."""
+    return sorted({(v0, v1) for v0, v1, _, _ in the_plan.slabs()})
+
+
+def _nifti_slabs(reader, the_plan):
+    """``((v0, z0), slab)`` in file order; the slab is Fortran ordered, as read."""
+    x, y = reader.meta.shape[:2]
+    for v0, v1, z0, z1 in the_plan.slabs():
+        yield (v0, z0), reader.read_slab((x, y, z1 - z0, v1 - v0))
+
+
+def _nifti_into_store(reader, store, the_plan, bar):
+    """All the data as one slab, straight into the store's chunks."""
+
+    def write(item):
+        _, slab = item
+        store[...] = to_c_order(slab, store.dtype)
+        bar.update(slab.nbytes)
+
+    with zarr_concurrency(_concurrency(the_plan.slab_bytes, the_plan.chunk_bytes)):
+        run_pipelined(_nifti_slabs(reader, the_plan), write)
+
+
+def _nifti_into_scratch(reader, scratch, the_plan, bar):
+    """Stream the NIfTI's slabs into the scratch file's pieces."""
+
+    def write(item):
+        (v0, z0), slab = item
+        # transposed here, not in the reading thread, which gunzip keeps busy
+        scratch.write_slab(to_c_order(slab, scratch.dtype), v0, z0)
+        bar.update(slab.nbytes)
+
+    # gunzip in one thread while the other transposes and writes pieces
+    run_pipelined(_nifti_slabs(reader, the_plan), write)
+
+
+def _scratch_into_store(scratch, store, the_plan, bar):
+    """Each block's volumes from the scratch file into its store chunk."""
+    runs = _runs(the_plan)
+
+    def copy(b, block):
+        data = scratch.read_block(b, runs)
+        store[block] = data
+        return data.nbytes
+
+    with zarr_concurrency(1):  # one chunk per block
+        for_each_block(scratch.blocks, copy, workers=the_plan.workers, progress=bar)
+
+
+def _store_into_scratch(store, scratch, the_plan, bar):
+    """Each store chunk into the scratch file's pieces."""
+    runs = _runs(the_plan)
+
+    def copy(b, block):
+        data = store[block]
+        scratch.write_block(b, data, runs)
+        return data.nbytes
+
+    with zarr_concurrency(1):
+        for_each_block(scratch.blocks, copy, workers=the_plan.workers, progress=bar)
+
+
+def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=False,
+                  storage_options=None, tmp_dir=None, progress=True, compresslevel=1):
+    """Write a DWI store back to a NIfTI file, with its stored header.
+
+    The file gets the stored header and extensions unchanged (dtype, scaling,
+    affine, qform/sform codes, pixdim), so a NIfTI -> Zarr -> NIfTI round trip
+    gives the same voxel data and header.
+
+    Parameters
+    ----------
+    src : str or os.PathLike
+        A complete ``.zarr`` DWI store, local or fsspec URL.
+    dst : str or os.PathLike
+        ``.nii`` or ``.nii.gz`` (gzip), local or fsspec URL. Written under a
+        temporary name next to it and renamed when complete.
+    memory_limit : int or str, optional
+        Bytes the conversion may hold; default 2 GiB.
+    overwrite : bool, optional
+        Replace an existing ``dst``; otherwise refuse.
+    storage_options : dict, optional
+        fsspec options for every URL involved.
+    tmp_dir : str, optional
+        Local folder for a scratch file (the uncompressed size of the data),
+        when one is needed; default the system's temporary folder.
+    progress : bool, optional
+        Show progress bars.
+    compresslevel : int, optional
+        gzip level for ``.nii.gz``; 1 as nibabel.
+    """
+    _check_kinds(src, "zarr", dst, "nifti")
+    limit = parse_memory_limit(memory_limit)
+    return_freed_memory()
+    if not overwrite and exists(dst, storage_options):
+        raise InputError(f"{os.fspath(dst)} already exists; pass overwrite=True to replace it")
+    if is_local(dst) and not os.path.isdir(os.path.dirname(local_path(dst))):
+        raise InputError(f"writing {os.fspath(dst)}: the folder does not exist")
+    store, meta = open_dwi_array(src, storage_options)
+    the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, store.chunks[:3])
+    passes = math.ceil(meta.shape[3] / the_plan.volumes_per_slab) * math.ceil(
+        meta.shape[2] / the_plan.planes_per_slab)
+    total = int(np.prod(meta.shape)) * meta.raw_dtype.itemsize
+    with NiftiWriter(dst, meta, overwrite=overwrite, storage_options=storage_options,
+                     compresslevel=compresslevel) as writer:
+        if passes <= _MAX_DIRECT_PASSES:
+            with _bar(progress, total, f"write {_name(dst)}") as bar:
+                _slabs_into(_store_reader(store), writer, meta, the_plan, bar)
+        else:
+            with BlockScratch(meta.shape, the_plan.chunks, meta.raw_dtype, tmp_dir) as scratch:
+                with _bar(progress, total, f"read {_name(src)}") as bar:
+                    _store_into_scratch(store, scratch, the_plan, bar)
+                with _bar(progress, total, f"write {_name(dst)}") as bar:
+                    _slabs_into(scratch.read_slab, writer, meta, the_plan, bar)
+        writer.commit()
+    trim()
+
+
+def _store_reader(store):
+    def read(v0, v1, z0, z1):
+        return store[:, :, z0:z1, v0:v1]
+    return read
+
+
+def _slabs_into(read, writer, meta, the_plan, bar):
+    """Write slabs from ``read(v0, v1, z0, z1)`` to the NIfTI in file order."""
+    disk = meta.disk_dtype
+
+    def slabs():
+        for v0, v1, z0, z1 in the_plan.slabs():
+            # Fortran order and the file's byte order, made here in the
+            # reading thread so the writing thread only compresses
+            yield to_f_order(read(v0, v1, z0, z1), disk)
+
+    def write(slab):
+        writer.write(slab.T)  # the transpose of a Fortran array is C-contiguous
+        bar.update(slab.nbytes)
+
+    with zarr_concurrency(_concurrency(the_plan.slab_bytes, the_plan.chunk_bytes)):
+        run_pipelined(slabs(), write)
