@@ -16,7 +16,7 @@ This module knows nothing about files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import uuid
 
@@ -26,14 +26,17 @@ import numpy as np
 from dask.array.core import normalize_chunks, slices_from_chunks
 from dask.graph_manipulation import bind
 
-from .core import LinearModel, Stats, block_stats, fit, merge, patch_size, predict_block
+from .core import LinearModel, block_stats, fit, merge, patch_size, predict_block
 from .core.postprocess import cast, intensity_shift
 from .core.predict import combine
 from .errors import InputError
 from .groups import Group
 from .validate import describe_nonfinite
 
-DEFAULT_CHUNK_BYTES = int(__import__("os").environ.get("P2S_CHUNK_MB", 48)) * 2**20
+# float64 bytes of one block: big enough for efficient GEMMs and few tasks,
+# small enough that a block per thread and its prediction fit in cache-friendly
+# pieces and in any memory budget worth having
+DEFAULT_CHUNK_BYTES = 48 * 2**20
 TREE_FAN_IN = 8
 
 
@@ -45,7 +48,6 @@ class Summary:
     minima: np.ndarray  # (n,) per-volume minimum of the input
     nonfinite: int = 0
     first_nonfinite: tuple | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def auto_chunks(shape, radius=(0, 0, 0), target_bytes=DEFAULT_CHUNK_BYTES):

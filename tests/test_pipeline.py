@@ -1,6 +1,5 @@
 """The p2s-dask command: same numbers as the API, safety, resume, errors."""
 
-import gzip
 import os
 import signal
 import subprocess
