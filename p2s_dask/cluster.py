@@ -60,6 +60,10 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None,
         n_workers=n_workers, threads_per_worker=n_threads, processes=processes,
         memory_limit=(memory_limit // n_workers) if processes else memory_limit,
         dashboard_address=None, silence_logs=40,
+        # no dashboard, but the scheduler still serves health checks over
+        # HTTP, by default on 0.0.0.0:8787 with a warning when that port is
+        # taken (e.g. by a docker-compose scheduler): a free loopback port
+        scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         # worker processes talk over loopback only; threads need no network
         **({"host": "127.0.0.1"} if processes else {}),
     ) as cluster, Client(cluster) as client:
@@ -76,3 +80,60 @@ def worker_threads(client) -> int:
 def _accepts_n_workers(client) -> bool:
     import inspect
     return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def _digests(paths) -> list:
+    """SHA-1 of each file's bytes, None where it cannot be read (on a worker)."""
+    import hashlib
+
+    out = []
+    for path in paths:
+        try:
+            with open(path, "rb") as fh:
+                out.append(hashlib.sha1(fh.read()).hexdigest())
+        except OSError:
+            out.append(None)
+    return out
+
+
+def require_shared_files(client, paths, attempts: int = 3) -> None:
+    """Refuse a run whose workers do not see these local files as we do.
+
+    A scheduler of the user's may have workers on other machines, where a
+    local path names another file or none: Zarr reads a missing chunk as
+    zeros, so such a run would compute garbage, then fail late with a
+    misleading error. Comparing the content of a few small files the run
+    has just written (or will read) catches it before any work.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    paths : sequence of str
+        Absolute local paths of small files.
+    attempts : int, optional
+        Network file systems may show a new file to other machines a moment
+        later: ask again, half a second apart, before giving up.
+
+    Raises
+    ------
+    InputError
+        Naming the first file and how many workers do not see it.
+    """
+    import time
+
+    paths = list(paths)
+    expected = _digests(paths)
+    for attempt in range(attempts):
+        seen = client.run(_digests, paths)
+        blind = {w: got for w, got in seen.items() if got != expected}
+        if not blind:
+            return
+        if attempt + 1 < attempts:
+            time.sleep(0.5)
+    first = next(p for i, p in enumerate(paths)
+                 if any(got[i] != expected[i] for got in blind.values()))
+    raise InputError(
+        f"{len(blind)} of {len(seen)} Dask workers do not see {first} as this machine "
+        "does: with --scheduler, use object-store URLs (s3://, gs://) for IN and OUT, or "
+        "paths on a file system the workers share at the same path (and --tmp-dir there "
+        "for the work store)")

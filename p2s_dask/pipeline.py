@@ -28,7 +28,7 @@ import dask
 import numpy as np
 
 from . import engine
-from .cluster import dask_client, scheduler_address
+from .cluster import dask_client, require_shared_files, scheduler_address
 from .core.postprocess import intensity_shift, resolve_postprocess
 from .errors import InputError
 from .groups import make_groups
@@ -158,6 +158,20 @@ class _Work:
                 self.fs.rm(self.path, recursive=True)
 
 
+def _bucket_note(url, storage_options) -> str:
+    """Why an object-store ``url`` is missing, when it is its bucket."""
+    if is_local(url):
+        return ""
+    fs, path = fs_and_path(url, storage_options)
+    bucket = path.split("/", 1)[0]
+    try:
+        # s3fs probes a bucket with HEAD: a refusal reads as absence too
+        missing = bool(bucket) and not fs.exists(bucket)
+    except Exception:
+        return ""
+    return f" (the bucket {bucket} does not exist or is not accessible)" if missing else ""
+
+
 def _work_url(out, tmp_dir):
     base = str(out).rstrip("/")
     if tmp_dir:
@@ -235,7 +249,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         version=options.version, out_dtype=options.out_dtype)
     with user_errors(inp, "reading"):
         if not exists(inp, storage_options):
-            raise InputError(f"input not found: {inp}")
+            raise InputError(f"input not found: {inp}{_bucket_note(inp, storage_options)}")
     work = _Work(_work_url(out, tmp_dir), storage_options)
     out_done = exists(out, storage_options) and (
         out_kind == "nifti" or is_complete(out, storage_options))
@@ -283,9 +297,18 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         from .cluster import worker_threads
         n_threads = worker_threads(client)
 
+        local_cluster = scheduler_address(scheduler) is None
+        if not local_cluster:
+            # the user's workers must see our local files (work store, a Zarr
+            # input) where we do; a Zarr output is checked once created
+            shared = [local_path(work.file("params.json"))] if is_local(work.url) else []
+            if in_kind == "zarr" and is_local(inp):
+                shared.append(join(local_path(inp), "zarr.json"))
+            if shared:
+                require_shared_files(client, shared)
+
         # -- stage 1: the input as a Zarr store with chunks holding all volumes
         t0 = time.perf_counter()
-        local_cluster = scheduler_address(scheduler) is None
         if in_kind == "nifti" and local_cluster and is_plain_nifti(inp):
             # random access: read the .nii in place, no conversion
             src = None
@@ -360,6 +383,8 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
                 target = create_dwi_store(target_url, shape, out_dtype, chunks, out_meta,
                                           overwrite=True, storage_options=storage_options)
             sink = ZarrSink(target)
+            if not local_cluster and out_kind == "zarr" and is_local(target_url):
+                require_shared_files(client, [join(local_path(target_url), "zarr.json")])
         if done:
             resumed.append(f"{len(done)} output chunks")
         tasks = _write_tasks(arr, fitted, radius, shift_values, clip, np.dtype(out_dtype),
