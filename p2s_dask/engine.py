@@ -168,7 +168,11 @@ def _merge_summaries(*items: Summary) -> Summary:
 
 
 def _tree(items, fan_in=TREE_FAN_IN):
-    """Merge delayed summaries in a tree of the given fan-in."""
+    """Merge delayed summaries in a tree of the given fan-in.
+
+    Every summary waiting for its merge holds its F x F scatter, so large
+    feature counts (patch_radius > 0) use a narrow tree.
+    """
     merge_delayed = dask.delayed(_merge_summaries, pure=True)
     while len(items) > 1:
         items = [merge_delayed(*items[i:i + fan_in])
@@ -208,7 +212,10 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
         mblock = None if mask is None else mask_blocks[idx]
         parts.append(fn(blocks[idx + (0,)], mblock, groups, radius, origin,
                         check_finite))
-    return _tree(parts)
+    p = patch_size(radius)
+    widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
+    fan_in = TREE_FAN_IN if widest * widest * 8 <= 32 * 2**20 else 2
+    return _tree(parts, fan_in)
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from functools import reduce
 
 import numpy as np
+import scipy.linalg.blas
 
-from .patches import features, interior_shape, sub_boxes
+from .patches import features, interior_shape, shifted_views, sub_boxes
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ def merge(a: Stats, b: Stats) -> Stats:
     delta = b.mean - a.mean
     mean = a.mean + delta * (b.count / n)
     scatter = a.scatter + b.scatter
-    scatter += np.outer(delta, delta) * (a.count * b.count / n)
+    # rank-1 update in place: np.outer would allocate another F x F matrix,
+    # which for r = 1 (F in the thousands) is most of a merge's cost
+    target = scatter if scatter.flags.f_contiguous else scatter.T
+    scipy.linalg.blas.dger(a.count * b.count / n, delta, delta, a=target, overwrite_a=1)
     return Stats(n, mean, scatter)
 
 
@@ -81,8 +85,25 @@ def merge_all(items) -> Stats:
     return reduce(merge, items)
 
 
+def feature_means(block: np.ndarray, radius, mask: np.ndarray | None = None):
+    """Count and mean ``(F,)`` of the interior features, without forming them.
+
+    The mean of feature ``u * P + p`` is the mean of volume ``u`` over the
+    interior shifted by offset ``p``.
+    """
+    m = block.shape[-1]
+    views = shifted_views(block, radius)
+    n = int(np.count_nonzero(mask)) if mask is not None else \
+        int(np.prod(views[0].shape[:3]))
+    means = np.empty((m, len(views)))
+    for p, view in enumerate(views):
+        rows = view[mask] if mask is not None else view.reshape(-1, m)
+        means[:, p] = rows.sum(axis=0, dtype=np.float64) / max(n, 1)
+    return n, means.reshape(-1)
+
+
 def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
-                max_bytes: int = 4 * 2**20, min_rows: int = 512) -> Stats:
+                max_bytes: int = 32 * 2**20, min_rows: int = 256) -> Stats:
     """Statistics of the patch features of the interior voxels of a block.
 
     Parameters
@@ -94,10 +115,9 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
     mask : ndarray of bool, shape (bx, by, bz), optional
         Only voxels where the mask is true are counted.
     max_bytes, min_rows : int
-        The block is walked in sub-boxes whose feature matrix has about
-        ``max_bytes`` but at least ``min_rows`` rows (small pieces stay in cache
-        and reuse memory; the rank-k updates stay efficient), and their
-        statistics are merged.
+        Bound on the feature matrix held at once: the block is walked in
+        sub-boxes of about ``max_bytes``, but of at least ``min_rows`` voxels
+        (a few hundred rows keep each rank-k update efficient).
 
     Returns
     -------
@@ -106,12 +126,36 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
     m = block.shape[-1]
     n_features = m * int(np.prod([2 * r + 1 for r in radius]))
     shape = interior_shape(block.shape, radius)
-    total = Stats.empty(n_features)
+    # The exact block mean first (cheap: no feature matrix), then the centred
+    # scatter accumulated in place by rank-k updates: no cancellation, and no
+    # F x F temporaries per sub-box.
+    count, mean = feature_means(block, radius, mask)
+    if count == 0:
+        return Stats.empty(n_features)
+    scatter = np.zeros((n_features, n_features), order="F")
     max_bytes = max(max_bytes, min_rows * n_features * 8)
     for box in sub_boxes(shape, n_features, max_bytes):
         x = features(block, radius, box)
         if mask is not None:
             (x0, x1), (y0, y1), (z0, z1) = box
             x = x[mask[x0:x1, y0:y1, z0:z1].reshape(-1)]
-        total = merge(total, rows_stats(x, overwrite=True))
-    return total
+            if x.shape[0] == 0:
+                continue
+        x -= mean
+        # x is C-ordered (rows, F): x.T is the Fortran (F, rows) operand BLAS
+        # wants, and syrk adds x.T @ x into the upper triangle of scatter
+        scipy.linalg.blas.dsyrk(1.0, x.T, beta=1.0, c=scatter, trans=0, lower=0,
+                                overwrite_c=1)
+    _mirror_upper(scatter)
+    return Stats(count, mean, scatter)
+
+
+def _mirror_upper(a: np.ndarray, step: int = 512) -> None:
+    """Copy the upper triangle into the lower one, in place, by panels (an
+    index array of the triangle would be as big as the matrix)."""
+    n = a.shape[0]
+    for j0 in range(0, n, step):
+        j1 = min(n, j0 + step)
+        a[j0:j1, :j0] = a[:j0, j0:j1].T
+        diag = a[j0:j1, j0:j1]
+        diag[...] = np.triu(diag) + np.triu(diag, 1).T
