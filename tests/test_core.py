@@ -71,8 +71,11 @@ def test_merge_is_exact_and_order_free():
     assert merge(Stats.empty(4), whole) is whole
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("r", [(0, 0, 0), (1, 1, 1)])
-def test_block_stats_walks_sub_boxes_and_masks(vol, r):
+def test_block_stats_walks_sub_boxes_and_masks(vol, r, wide, monkeypatch):
+    # wide: the path for many features (block mean first, then accumulation)
+    monkeypatch.setattr("p2s_dask.core.stats.SMALL_F", 0 if wide else 10**6)
     rng = np.random.default_rng(1)
     mask = rng.random(vol.shape[:3]) > 0.3
     x = brute_features(vol, r)

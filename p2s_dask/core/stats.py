@@ -85,6 +85,23 @@ def merge_all(items) -> Stats:
     return reduce(merge, items)
 
 
+# up to this many features a piece's statistics are merged (cheap); beyond,
+# pieces are centred on the block mean and accumulated
+SMALL_F = 1024
+
+
+def _pieces(block, radius, mask, shape, n_features, max_bytes):
+    """Float64 feature matrices of the (masked) voxels, sub-box by sub-box."""
+    for box in sub_boxes(shape, n_features, max_bytes):
+        x = features(block, radius, box)
+        if mask is not None:
+            (x0, x1), (y0, y1), (z0, z1) = box
+            x = x[mask[x0:x1, y0:y1, z0:z1].reshape(-1)]
+            if x.shape[0] == 0:
+                continue
+        yield x
+
+
 def feature_means(block: np.ndarray, radius, mask: np.ndarray | None = None):
     """Count and mean ``(F,)`` of the interior features, without forming them.
 
@@ -103,7 +120,7 @@ def feature_means(block: np.ndarray, radius, mask: np.ndarray | None = None):
 
 
 def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
-                max_bytes: int = 32 * 2**20, min_rows: int = 256) -> Stats:
+                max_bytes: int = 4 * 2**20, min_rows: int = 1024) -> Stats:
     """Statistics of the patch features of the interior voxels of a block.
 
     Parameters
@@ -117,7 +134,8 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
     max_bytes, min_rows : int
         Bound on the feature matrix held at once: the block is walked in
         sub-boxes of about ``max_bytes``, but of at least ``min_rows`` voxels
-        (a few hundred rows keep each rank-k update efficient).
+        (enough rows keep each rank-k update efficient and its addition
+        into the F x F scatter cheap).
 
     Returns
     -------
@@ -126,36 +144,24 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
     m = block.shape[-1]
     n_features = m * int(np.prod([2 * r + 1 for r in radius]))
     shape = interior_shape(block.shape, radius)
-    # The exact block mean first (cheap: no feature matrix), then the centred
-    # scatter accumulated in place by rank-k updates: no cancellation, and no
-    # F x F temporaries per sub-box.
+    # Wide features (patches): the exact block mean first (no feature matrix
+    # needed), then the centred scatter accumulated by rank-k updates: no
+    # cancellation, and no F x F merge per piece.
+    max_bytes = max(max_bytes, min_rows * n_features * 8)
+    if n_features <= SMALL_F:
+        # merging per-piece statistics costs F^2 a piece: nothing for small F
+        total = Stats.empty(n_features)
+        for x in _pieces(block, radius, mask, shape, n_features, max_bytes):
+            total = merge(total, rows_stats(x, overwrite=True))
+        return total
     count, mean = feature_means(block, radius, mask)
     if count == 0:
         return Stats.empty(n_features)
-    scatter = np.zeros((n_features, n_features), order="F")
-    max_bytes = max(max_bytes, min_rows * n_features * 8)
-    for box in sub_boxes(shape, n_features, max_bytes):
-        x = features(block, radius, box)
-        if mask is not None:
-            (x0, x1), (y0, y1), (z0, z1) = box
-            x = x[mask[x0:x1, y0:y1, z0:z1].reshape(-1)]
-            if x.shape[0] == 0:
-                continue
+    scatter = np.zeros((n_features, n_features))
+    for x in _pieces(block, radius, mask, shape, n_features, max_bytes):
         x -= mean
-        # x is C-ordered (rows, F): x.T is the Fortran (F, rows) operand BLAS
-        # wants, and syrk adds x.T @ x into the upper triangle of scatter
-        scipy.linalg.blas.dsyrk(1.0, x.T, beta=1.0, c=scatter, trans=0, lower=0,
-                                overwrite_c=1)
-    _mirror_upper(scatter)
+        # NumPy runs ``x.T @ x`` as a rank-k update (syrk) and, unlike SciPy's
+        # BLAS wrappers, releases the GIL, so Dask's threads run in parallel;
+        # enough rows per update make the F x F addition a small overhead
+        scatter += x.T @ x
     return Stats(count, mean, scatter)
-
-
-def _mirror_upper(a: np.ndarray, step: int = 512) -> None:
-    """Copy the upper triangle into the lower one, in place, by panels (an
-    index array of the triangle would be as big as the matrix)."""
-    n = a.shape[0]
-    for j0 in range(0, n, step):
-        j1 = min(n, j0 + step)
-        a[j0:j1, :j0] = a[:j0, j0:j1].T
-        diag = a[j0:j1, j0:j1]
-        diag[...] = np.triu(diag) + np.triu(diag, 1).T
