@@ -33,7 +33,8 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None,
         copied between processes; more workers are separate processes that
         share the budget.
     memory_limit : int
-        Bytes for the whole local cluster.
+        The run's budget. p2s-dask keeps it through its chunk sizes; Dask's
+        own per-worker limit is switched off (see below).
     """
     from distributed import Client, LocalCluster
 
@@ -58,7 +59,11 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None,
     processes = n_workers > 1
     with LocalCluster(
         n_workers=n_workers, threads_per_worker=n_threads, processes=processes,
-        memory_limit=(memory_limit // n_workers) if processes else memory_limit,
+        # The budget is kept by the chunk sizes p2s-dask chooses. Dask's own
+        # memory manager measures the whole process (interpreter and libraries
+        # included) and pauses a worker that is over: with a small budget that
+        # would wait forever, so it is off.
+        memory_limit=0,
         dashboard_address=None, silence_logs=40,
         # no dashboard, but the scheduler still serves health checks over
         # HTTP, by default on 0.0.0.0:8787 with a warning when that port is
