@@ -22,13 +22,14 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import psutil
+
+from p2s_dask.memory import PeakMemory
 
 CHUNK = 16 << 20
 
@@ -124,32 +125,14 @@ def run_denoise(src: Path, out: Path, memory_limit: str, extra) -> dict:
     drop_caches()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not stop.is_set():
-            try:
-                procs = [ps] + ps.children(recursive=True)
-                peak = max(peak, sum(p.memory_info().rss for p in procs
-                                     if p.is_running()))
-            except psutil.Error:
-                pass
-            stop.wait(0.05)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    rc = proc.wait()
-    stop.set()
-    th.join()
+    with PeakMemory(proc.pid) as peak:
+        rc = proc.wait()
     wall = time.perf_counter() - t0
     if rc != 0:
         raise SystemExit(f"p2s-dask failed with exit code {rc}")
     stages = json.loads(report.read_text())
     report.unlink()
-    return dict(wall_s=wall, peak_rss_tree=peak, command=" ".join(cmd[1:]), **stages)
+    return dict(wall_s=wall, peak_rss_tree=peak.peak, command=" ".join(cmd[1:]), **stages)
 
 
 def main(argv=None):

@@ -23,22 +23,36 @@ class PeakMemory:
     """Sample :func:`tree_rss` in a background thread; ``peak`` is the maximum.
 
     A context manager: sampling runs between ``__enter__`` and ``__exit__``.
+
+    Parameters
+    ----------
+    pid : int, optional
+        The process whose tree is sampled (default: this one).
+    interval : float
+        Seconds between samples.
     """
 
-    def __init__(self, interval: float = 0.05):
+    def __init__(self, pid: int | None = None, interval: float = 0.05):
+        self.pid = pid
         self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
         self._thread = None
 
+    def _sample(self):
+        try:
+            self.peak = max(self.peak, tree_rss(self._proc))
+        except psutil.Error:  # the process has ended
+            pass
+
     def _run(self):
-        proc = psutil.Process()
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(proc))
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        self.peak = tree_rss()
+        self._proc = psutil.Process(self.pid)
+        self._sample()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -46,5 +60,5 @@ class PeakMemory:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, tree_rss())
+        self._sample()
         return False

@@ -7,11 +7,11 @@ nothing else in the test session counts.
 import subprocess
 import sys
 import textwrap
-import threading
 
 import nibabel as nib
 import numpy as np
-import psutil
+
+from p2s_dask.memory import PeakMemory
 
 MiB = 2**20
 
@@ -20,26 +20,9 @@ def peak_tree_rss(cmd, env=None):
     """Run ``cmd``; return (exit code, peak RSS of its process tree, output)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    stop = threading.Event()
-
-    def sample():
-        nonlocal peak
-        while not stop.is_set():
-            try:
-                total = sum(p.memory_info().rss for p in [ps] + ps.children(recursive=True))
-                peak = max(peak, total)
-            except psutil.Error:
-                pass
-            stop.wait(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    stop.set()
-    th.join()
-    return proc.returncode, peak, out
+    with PeakMemory(proc.pid, interval=0.01) as peak:
+        out, _ = proc.communicate()
+    return proc.returncode, peak.peak, out
 
 
 def write_int16(path, shape, seed):

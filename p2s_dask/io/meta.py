@@ -105,6 +105,19 @@ class DwiMeta:
         """Whether the values differ from the raw numbers (slope/inter not 1/0)."""
         return (self.slope, self.inter) != (1.0, 0.0)
 
+    def apply_scaling(self, raw):
+        """Values from raw numbers (NumPy or dask): ``raw * slope + inter`` in
+        float64 when scaled, with the operations in the order of nibabel's
+        ``get_fdata``, so the values match it bit for bit; else ``raw``."""
+        if not self.scaled:
+            return raw
+        values = raw.astype(np.float64)
+        if self.slope != 1.0:
+            values = values * self.slope
+        if self.inter != 0.0:
+            values = values + self.inter
+        return values
+
     @property
     def value_dtype(self) -> np.dtype:
         """dtype of the values: float64 when scaled (as nibabel's ``get_fdata``)."""

@@ -87,15 +87,7 @@ def open_nifti(url, chunks) -> tuple[da.Array, DwiMeta]:
         meta=np.empty((0, 0, 0, 0), meta.raw_dtype), path=path, nifti=meta,
         name=f"read-nii-{da.core.tokenize(path, os.path.getmtime(path), spec)}",
     )
-    if not meta.scaled:
-        return raw, meta
-    values = raw.astype(np.float64)
-    # the order of nibabel's apply_read_scaling, so values match get_fdata()
-    if meta.slope != 1.0:
-        values = values * meta.slope
-    if meta.inter != 0.0:
-        values = values + meta.inter
-    return values, meta
+    return meta.apply_scaling(raw), meta
 
 
 def _read_task(block_info=None, path=None, nifti=None):

@@ -238,16 +238,7 @@ def open_dwi(url, storage_options=None, require_complete=True):
     meta : DwiMeta
     """
     array, meta = open_dwi_array(url, storage_options, require_complete)
-    raw = da.from_zarr(array)
-    if not meta.scaled:
-        return raw, meta
-    values = raw.astype(np.float64)
-    # same operations, in the same order, as nibabel's apply_read_scaling
-    if meta.slope != 1.0:
-        values = values * meta.slope
-    if meta.inter != 0.0:
-        values = values + meta.inter
-    return values, meta
+    return meta.apply_scaling(da.from_zarr(array)), meta
 
 
 def _set_complete(url, storage_options, complete: bool) -> None:
