@@ -17,6 +17,7 @@ Zarr store is marked complete. The work store is removed after success.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -439,8 +440,12 @@ def _load_mask(mask, shape, storage_options):
     fs, path = fs_and_path(mask, storage_options)
     with user_errors(mask, "reading"), fs.open(path, "rb") as fh:
         data = fh.read()
-    img = nib.Nifti1Image.from_bytes(data) if not str(mask).endswith(".gz") else \
-        nib.Nifti1Image.from_bytes(__import__("gzip").decompress(data))
+    if data[:2] == b"\x1f\x8b":  # a mask is small: gunzip it whole
+        data = gzip.decompress(data)
+    try:
+        img = nib.Nifti1Image.from_bytes(data)
+    except Exception as exc:
+        raise InputError(f"mask {mask} is not a readable NIfTI file ({exc})") from None
     arr = np.asanyarray(img.dataobj)
     if arr.shape[:3] != shape[:3] or (arr.ndim == 4 and arr.shape[3] != 1) or arr.ndim > 4:
         raise InputError(f"mask has shape {arr.shape} but the data's spatial shape is "
