@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .errors import InputError
 
@@ -148,8 +149,14 @@ def _demo(args):
     run_demo(args.out_dir, overwrite=args.overwrite, progress=not args.quiet)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"p2s-dask: warning: {message}\n"
+
+
 def main(argv=None) -> int:
     """Entry point of the ``p2s-dask`` console script."""
+    # users of the command want the warning, not the line of our code
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo}
     try:
