@@ -180,9 +180,9 @@ def _tree(items, fan_in=TREE_FAN_IN):
     return items[0]
 
 
-def _chunk_origins(chunks):
-    starts = [np.cumsum((0,) + c[:-1]) for c in chunks[:3]]
-    return starts
+def chunk_origins(chunks):
+    """Start index of every chunk along each spatial axis."""
+    return [np.cumsum((0,) + c[:-1]) for c in chunks[:3]]
 
 
 def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
@@ -204,7 +204,7 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
     if mask is not None:
         mask = da.asarray(mask).astype(bool).rechunk(arr.chunks[:3])
         mask_blocks = mask.to_delayed()
-    starts = _chunk_origins(arr.chunks)
+    starts = chunk_origins(arr.chunks)
     fn = dask.delayed(_summarize_block, pure=True)
     parts = []
     for idx in np.ndindex(*blocks.shape[:3]):
@@ -366,7 +366,7 @@ def denoise_into(arr: da.Array, target: np.ndarray, groups: list[Group], radius,
     n = arr.shape[3]
     chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((n,),)
     mins = da.map_blocks(_predict_into_chunk, halo, fitted, radius,
-                         clip_negative_vals, target, _chunk_origins(arr.chunks),
+                         clip_negative_vals, target, chunk_origins(arr.chunks),
                          dtype=np.float64, chunks=chunks,
                          meta=np.empty((0, 0, 0, 0)))
     pred_min = mins.min(axis=(0, 1, 2)).compute(**compute_kwargs)

@@ -491,7 +491,7 @@ def _write_chunk(block, region, fitted, radius, shift, clip, dtype, sink, work, 
 def _write_tasks(arr, fitted, radius, shift, clip, dtype, sink, work, done):
     halo = engine.with_halo(arr, radius)
     blocks = halo.to_delayed()
-    starts = [np.cumsum((0,) + c[:-1]) for c in arr.chunks[:3]]
+    starts = engine.chunk_origins(arr.chunks)
     fitted_d = dask.delayed(fitted)
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
