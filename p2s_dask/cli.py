@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--out-dtype", default=None,
                      help="output dtype (default: the input's; float32 for scaled input)")
     den.add_argument("--version", type=int, default=3, choices=(1, 3))
+    den.add_argument("--precision", default="auto", choices=("auto", "float32", "float64"),
+                     help="arithmetic of the prediction (default auto: float32 when the "
+                          "input and output fit it exactly, as DIPY; statistics are float64)")
     den.add_argument("--chunks", type=_chunks, default=None, metavar="X,Y,Z",
                      help="spatial chunk shape (default: from the memory budget)")
     den.add_argument("--workers", type=int, default=None,
@@ -130,7 +133,7 @@ def _denoise(args):
         patch_radius=args.patch_radius, model=args.model, b0_threshold=args.b0_threshold,
         out_dtype=args.out_dtype, alpha=args.alpha, b0_denoising=args.b0_denoising,
         clip_negative_vals=args.clip_negative_vals, shift_intensity=args.shift_intensity,
-        version=args.version, mask=args.mask, chunks=args.chunks)
+        version=args.version, mask=args.mask, chunks=args.chunks, precision=args.precision)
     report = denoise_file(
         args.input, args.output, bvals=args.bvals, bvecs=args.bvecs, options=options,
         memory_limit=args.memory_limit, workers=args.workers, threads=args.threads,

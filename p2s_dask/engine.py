@@ -27,6 +27,7 @@ from dask.array.core import normalize_chunks, slices_from_chunks
 from dask.graph_manipulation import bind
 
 from .core import LinearModel, block_stats, fit, merge, patch_size, predict_block
+from .core.layout import rows_order, voxel_rows
 from .core.postprocess import cast, intensity_shift
 from .core.predict import combine
 from .errors import InputError
@@ -50,14 +51,14 @@ class Summary:
     first_nonfinite: tuple | None = None
 
 
-def auto_chunks(shape, radius=(0, 0, 0), target_bytes=DEFAULT_CHUNK_BYTES):
-    """Spatial chunks holding all volumes, about ``target_bytes`` in float64.
+def auto_chunks(shape, radius=(0, 0, 0), target_bytes=DEFAULT_CHUNK_BYTES, itemsize=8):
+    """Spatial chunks holding all volumes, about ``target_bytes`` of ``itemsize``.
 
     Splits z first, then y, then x, keeping chunks at least as thick as the
     patch radius so that each halo comes from the next chunk only.
     """
     nx, ny, nz, n = (int(s) for s in shape)
-    budget = max(1, target_bytes // (n * 8))
+    budget = max(1, target_bytes // (n * itemsize))
     sizes = [nx, ny, nz]
     for axis in (2, 1, 0):
         if int(np.prod(sizes)) <= budget:
@@ -128,11 +129,21 @@ def _shared_scatter_is_cheaper(groups, n, radius) -> bool:
     return bool(fitted) and sum(m * m for m in fitted) >= 0.6 * n * n
 
 
+def _as_range(indices):
+    """``(start, stop)`` when ``indices`` are consecutive, else None."""
+    idx = np.asarray(indices)
+    if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
+        return int(idx[0]), int(idx[0] + idx.size)
+    return None
+
+
 def _summarize_block(block, mask, groups, radius, origin, check_finite) -> Summary:
     inner = _interior(block, radius)
     n = block.shape[-1]
-    summary = Summary(stats=[], minima=inner.reshape(-1, n).min(axis=0)
-                      .astype(np.float64))
+    rows, _ = voxel_rows(inner)
+    if rows is None:
+        rows = inner.reshape(-1, n)
+    summary = Summary(stats=[], minima=rows.min(axis=0).astype(np.float64))
     if check_finite and np.issubdtype(block.dtype, np.inexact):
         bad = ~np.isfinite(inner)
         count = int(np.count_nonzero(bad))
@@ -142,7 +153,14 @@ def _summarize_block(block, mask, groups, radius, origin, check_finite) -> Summa
             summary.first_nonfinite = tuple(int(o + i) for o, i in
                                             zip(tuple(origin) + (0,), local))
             return summary
-    if _shared_scatter_is_cheaper(groups, n, radius):
+    ranges = [_as_range(g.indices) for g in groups if g.denoise]
+    if block.flags.f_contiguous and not any(radius) and all(r is not None for r in ranges):
+        # volume-major block, groups of consecutive volumes: each group's
+        # volumes are a contiguous slab of the block, so their statistics
+        # come without a copy and without the cross-group scatter
+        summary.stats = [block_stats(block[..., slice(*_as_range(g.indices))], radius, mask)
+                         if g.denoise else None for g in groups]
+    elif _shared_scatter_is_cheaper(groups, n, radius):
         everything = block_stats(block, radius, mask)
         summary.stats = [everything.subset(list(g.indices)) if g.denoise else None
                          for g in groups]
@@ -226,11 +244,16 @@ class FittedModels:
     models: tuple  # LinearModel or None per group
     plan: LinearModel  # all volumes at once, pass-through volumes copied
     minima: np.ndarray  # per-volume minimum of the input
+    calc_dtype: np.dtype = np.dtype(np.float64)  # arithmetic of the prediction
 
 
 def fit_models(summary: Summary, groups: list[Group], radius, model: str,
-               alpha: float) -> FittedModels:
-    """Solve every group's regressions from a :class:`Summary`."""
+               alpha: float, calc_dtype=np.float64) -> FittedModels:
+    """Solve every group's regressions from a :class:`Summary`.
+
+    ``calc_dtype`` is the arithmetic of the prediction passes (the fit is
+    always float64).
+    """
     if summary.nonfinite:
         raise InputError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
     p = patch_size(radius)
@@ -246,7 +269,8 @@ def fit_models(summary: Summary, groups: list[Group], radius, model: str,
         models.append(fit(st, p, model, alpha))
     n = summary.minima.shape[0]
     plan = combine(models, [g.indices for g in groups], n, p)
-    return FittedModels(tuple(groups), tuple(models), plan, summary.minima)
+    return FittedModels(tuple(groups), tuple(models), plan, summary.minima,
+                        np.dtype(calc_dtype))
 
 
 class _RunningMin:
@@ -273,17 +297,27 @@ def _post(shift, clip):
 def _predict_min_chunk(block, fitted: FittedModels, radius):
     n = block.shape[-1]
     running = _RunningMin(n)
-    scratch = np.empty(_interior(block, radius).shape[:3] + (n,), dtype=np.float32)
-    predict_block(block, radius, fitted.plan, out=scratch, transform=running)
+    predict_block(block, radius, fitted.plan, transform=running, store=False,
+                  dtype=fitted.calc_dtype)
     return running.value.reshape(1, 1, 1, -1)
 
 
 def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype):
     """Denoised, shifted, clipped and cast values of one block's interior."""
-    out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],), dtype=dtype)
     post = _post(shift, clip)
-    return predict_block(block, radius, fitted.plan, out=out,
-                         transform=lambda piece: cast(post(piece), dtype))
+    return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
+                         transform=lambda piece: cast(post(piece), dtype, inplace=True),
+                         out=np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
+                                      dtype=dtype, order=rows_order(block)))
+
+
+def _one_key(obj):
+    """``obj`` as one graph key: a plain argument of ``map_blocks`` is copied
+    into every task, and so serialised once per task for a distributed
+    scheduler (the fitted weights are megabytes)."""
+    if obj is None or dask.is_dask_collection(obj):
+        return obj
+    return dask.delayed(obj, pure=True)
 
 
 def prediction_minima(arr: da.Array, fitted, radius) -> da.Array:
@@ -291,7 +325,7 @@ def prediction_minima(arr: da.Array, fitted, radius) -> da.Array:
     halo = with_halo(arr, radius)
     n = arr.shape[3]
     chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((n,),)
-    mins = da.map_blocks(_predict_min_chunk, halo, fitted, radius, dtype=np.float64,
+    mins = da.map_blocks(_predict_min_chunk, halo, _one_key(fitted), radius, dtype=np.float64,
                          chunks=chunks, meta=np.empty((0, 0, 0, 0)))
     return mins.min(axis=(0, 1, 2))
 
@@ -304,7 +338,8 @@ def predict(arr: da.Array, fitted, radius, shift=None, clip=False,
     """
     halo = with_halo(arr, radius)
     dtype = np.dtype(out_dtype)
-    return da.map_blocks(predict_chunk, halo, fitted, radius, shift, clip, dtype,
+    return da.map_blocks(predict_chunk, halo, _one_key(fitted), radius, _one_key(shift),
+                         clip, dtype,
                          dtype=dtype, chunks=arr.chunks,
                          meta=np.empty((0, 0, 0, 0), dtype=dtype))
 
@@ -315,7 +350,7 @@ def _shifts(fitted: FittedModels, pred_minima):
 
 def denoise(arr: da.Array, groups: list[Group], radius, *, model="ols", alpha=1.0,
             mask=None, shift_intensity=True, clip_negative_vals=False,
-            out_dtype=np.float32) -> da.Array:
+            out_dtype=np.float32, calc_dtype=np.float64) -> da.Array:
     """The whole method as one lazy graph with bounded memory.
 
     Each pass re-reads the input (:func:`dask.graph_manipulation.bind` makes a
@@ -323,7 +358,8 @@ def denoise(arr: da.Array, groups: list[Group], radius, *, model="ols", alpha=1.
     the data in memory waiting for a global result.
     """
     summary = summarize(arr, groups, radius, mask)
-    fitted = dask.delayed(fit_models, pure=True)(summary, groups, radius, model, alpha)
+    fitted = dask.delayed(fit_models, pure=True)(summary, groups, radius, model, alpha,
+                                                 calc_dtype)
     shift = None
     after = fitted
     if shift_intensity:
@@ -343,14 +379,15 @@ def _predict_into_chunk(block, fitted: FittedModels, radius, clip, target, start
     running = _RunningMin(block.shape[-1])
     post = _post(None, clip)
     # a view into the caller's array: each chunk writes its own disjoint region
-    predict_block(block, radius, fitted.plan, out=target[region],
+    predict_block(block, radius, fitted.plan, out=target[region], dtype=fitted.calc_dtype,
                   transform=lambda piece: post(running(piece)))
     return running.value.reshape(1, 1, 1, -1)
 
 
 def denoise_into(arr: da.Array, target: np.ndarray, groups: list[Group], radius, *,
                  model="ols", alpha=1.0, mask=None, shift_intensity=True,
-                 clip_negative_vals=False, check_finite=True, compute_kwargs=None):
+                 clip_negative_vals=False, check_finite=True, compute_kwargs=None,
+                 calc_dtype=np.float64):
     """The method in two passes for a floating-point in-memory ``target``.
 
     The prediction is written unshifted while its per-volume minima are
@@ -361,7 +398,7 @@ def denoise_into(arr: da.Array, target: np.ndarray, groups: list[Group], radius,
     if not np.issubdtype(target.dtype, np.floating):
         raise TypeError("denoise_into needs a floating-point target")
     summary = summarize(arr, groups, radius, mask, check_finite).compute(**compute_kwargs)
-    fitted = fit_models(summary, groups, radius, model, alpha)
+    fitted = fit_models(summary, groups, radius, model, alpha, calc_dtype)
     halo = with_halo(arr, radius)
     n = arr.shape[3]
     chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((n,),)

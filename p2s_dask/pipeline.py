@@ -29,7 +29,7 @@ import dask
 import numpy as np
 
 from . import engine
-from .cluster import dask_client, require_shared_files, scheduler_address
+from .cluster import LocalThreads, dask_client, require_shared_files, scheduler_address
 from .core.postprocess import intensity_shift, resolve_postprocess
 from .errors import InputError
 from .groups import make_groups
@@ -39,12 +39,13 @@ from .io import (
 )
 from .io import mark_complete, open_dwi_array
 from .io.budget import parse_memory_limit
-from .io.nifti_direct import create_nifti, is_plain_nifti, open_nifti, write_block
+from .io.nifti_direct import (create_nifti, finish_writes, is_plain_nifti, open_nifti,
+                               read_meta, submit_block)
 from .io.urls import exists, is_local, join, local_path, remove
 from .io.zarr_store import create_dwi_store
 from .memory import PeakMemory
 from .threads import single_threaded_blas
-from .validate import check_bvals, check_options, check_shape
+from .validate import check_bvals, check_options, check_precision, check_shape
 
 WORK_SUFFIX = ".p2s-work"
 
@@ -65,6 +66,7 @@ class DenoiseOptions:
     groups: list | None = None
     mask: str | None = None
     chunks: tuple | None = None
+    precision: str | None = None
 
     def identity(self) -> dict:
         d = asdict(self)
@@ -200,12 +202,18 @@ def _gradients(inp, kind, bvals, bvecs, storage_options):
     return bvals, bvecs
 
 
-def _engine_chunks(shape, memory_limit, threads, chunks):
+def _engine_chunks(shape, memory_limit, threads, chunks, itemsize=8):
+    """Spatial chunks for the budget.
+
+    Per thread a few blocks are alive at once (the block, its prediction,
+    the next block read ahead, blocks queued for writing): an eighth of the
+    budget per thread, counted in ``itemsize`` bytes per value (8 where a
+    block is decoded to float64, the raw size where it is read as stored).
+    """
     if chunks is not None:
         return tuple(int(c) for c in chunks)[:3]
-    # per thread: a float64 block, its prediction and decoded raw chunks
     target = int(min(64 << 20, max(1 << 20, memory_limit // (8 * max(threads, 1)))))
-    return engine.auto_chunks(shape, target_bytes=target)[:3]
+    return engine.auto_chunks(shape, target_bytes=target, itemsize=itemsize)[:3]
 
 
 def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | None = None,
@@ -248,6 +256,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
     radius, model, out_dtype = check_options(
         patch_radius=options.patch_radius, model=options.model, alpha=options.alpha,
         version=options.version, out_dtype=options.out_dtype)
+    check_precision(options.precision, None, None)
     with user_errors(inp, "reading"):
         if not exists(inp, storage_options):
             raise InputError(f"input not found: {inp}{_bucket_note(inp, storage_options)}")
@@ -313,8 +322,10 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         if in_kind == "nifti" and local_cluster and is_plain_nifti(inp):
             # random access: read the .nii in place, no conversion
             src = None
-            values, meta = open_nifti(inp, _engine_chunks(shape, budget, n_threads,
-                                                          options.chunks))
+            raw = read_meta(inp)
+            direct_chunks = _engine_chunks(shape, budget, n_threads, options.chunks,
+                                           itemsize=8 if raw.scaled else raw.raw_dtype.itemsize)
+            values, meta = open_nifti(inp, direct_chunks)
         elif in_kind == "nifti":
             src = work.file("input.zarr")
             if not (exists(src, storage_options) and is_complete(src, storage_options)):
@@ -330,7 +341,8 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
             values, meta = open_dwi(src, storage_options)
         report.stages["input"] = time.perf_counter() - t0
         report.shape = shape
-        chunks = _engine_chunks(shape, budget, n_threads, options.chunks)
+        chunks = direct_chunks if src is None else \
+            _engine_chunks(shape, budget, n_threads, options.chunks)
         arr = engine.as_chunked(values, chunks, radius)
 
         # -- stage 2: statistics
@@ -342,7 +354,10 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
             summary = _compute(client, engine.summarize(arr, groups, radius, mask),
                                "statistics", progress)
             work.write_bytes("summary.pkl", pickle.dumps(summary))
-        fitted = engine.fit_models(summary, groups, radius, model, options.alpha)
+        if out_dtype is None:
+            out_dtype = _default_out_dtype(meta)
+        calc_dtype = check_precision(options.precision, meta.value_dtype, out_dtype)
+        fitted = engine.fit_models(summary, groups, radius, model, options.alpha, calc_dtype)
         report.stages["statistics"] = time.perf_counter() - t0
 
         # -- stage 3: minima of the prediction, for the intensity shift
@@ -361,8 +376,6 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
 
         # -- stage 4: prediction, chunk by chunk into a store
         t0 = time.perf_counter()
-        if out_dtype is None:
-            out_dtype = _default_out_dtype(meta)
         out_meta = meta.for_values(np.dtype(out_dtype), shape)
         direct_out = out_kind == "nifti" and local_cluster and str(out).endswith(".nii") \
             and is_local(out)
@@ -392,6 +405,9 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
                              sink, work, done)
         if tasks:
             _compute(client, tasks, "predict", progress)
+        if direct_out:
+            # the blocks still queued in the workers' writers, then fsync
+            client.run(finish_writes, sink.path)
         if not direct_out:
             mark_complete(target_url, storage_options)
         report.stages["predict"] = time.perf_counter() - t0
@@ -463,25 +479,26 @@ class ZarrSink:
     def __init__(self, array):
         self.array = array
 
-    def write(self, region, values):
+    def write(self, region, values, then):
         self.array[region] = values
+        then()
 
 
 class NiftiSink:
-    """Output chunks written in place into an uncompressed ``.nii``."""
+    """Output chunks written in place into an uncompressed ``.nii``, by a
+    background writer in the worker (see :func:`finish_writes`)."""
 
     def __init__(self, path, meta):
         self.path, self.meta = path, meta
 
-    def write(self, region, values):
-        write_block(self.path, self.meta, region, values)
+    def write(self, region, values, then):
+        submit_block(self.path, self.meta, region, values, then)
 
 
 def _write_chunk(block, region, fitted, radius, shift, clip, dtype, sink, work, key):
     out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype)
-    sink.write(region, out)
     # the marker goes after the data: a marked chunk is always fully written
-    work.mark_done(key)
+    sink.write(region, out, lambda: work.mark_done(key))
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
@@ -507,6 +524,8 @@ def _write_tasks(arr, fitted, radius, shift, clip, dtype, sink, work, done):
 
 
 def _compute(client, collection, desc, progress):
+    if isinstance(client, LocalThreads):
+        return client.compute(collection, desc, progress)
     futures = client.compute(collection)
     if progress:
         from distributed import progress as show

@@ -72,6 +72,33 @@ def check_options(*, patch_radius, model, alpha, version, out_dtype):
     return radius, model, out_dtype
 
 
+PRECISIONS = ("auto", "float32", "float64")
+
+
+def check_precision(precision, data_dtype, out_dtype) -> np.dtype:
+    """The arithmetic of the prediction passes.
+
+    ``'auto'`` (or None) follows DIPY, which computes in float32 unless the
+    data is float64, and is stricter: float64 whenever the data's values or
+    the requested output do not fit float32 exactly (float64, 32- and 64-bit
+    integers, scaled NIfTI values). The statistics and the fit are float64
+    in every case.
+    """
+    name = "auto" if precision is None else str(np.dtype(precision)) \
+        if not isinstance(precision, str) else precision.lower()
+    if name not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}; "
+                         f"got {precision!r}")
+    if name != "auto":
+        return np.dtype(name)
+    exact32 = [np.dtype(t) for t in (np.bool_, np.int8, np.uint8, np.int16, np.uint16,
+                                     np.float16, np.float32)]
+    wide = [np.dtype(d) for d in (data_dtype, out_dtype) if d is not None]
+    if all(d in exact32 for d in wide):
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
 def normalize_radius_or_raise(patch_radius):
     try:
         return normalize_radius(patch_radius)

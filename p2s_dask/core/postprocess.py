@@ -49,12 +49,35 @@ def finalize(values: np.ndarray, shift: np.ndarray | None, clip: bool,
     return cast(values, dtype)
 
 
-def cast(values: np.ndarray, dtype) -> np.ndarray:
-    """Cast floats to ``dtype``: rounding and range clipping for integers."""
+def cast(values: np.ndarray, dtype, inplace: bool = False) -> np.ndarray:
+    """Cast floats to ``dtype``: rounding and range clipping for integers.
+
+    With ``inplace=True`` the rounding and clipping are done in ``values``
+    and the float array is returned, ready to be assigned into an array of
+    ``dtype`` (which then converts exactly, without another temporary).
+    """
     dtype = np.dtype(dtype)
     if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        values = np.clip(np.rint(values), info.min, info.max)
+        lo, hi = _int_bounds(values.dtype, dtype)
+        if inplace:
+            np.rint(values, out=values)
+            np.clip(values, lo, hi, out=values)
+            return values
+        values = np.clip(np.rint(values), lo, hi)
     elif dtype == np.bool_:
-        values = values >= 0.5
+        return values >= 0.5
+    elif inplace:
+        return values
     return values.astype(dtype, copy=False)
+
+
+def _int_bounds(float_dtype, int_dtype):
+    """The range of ``int_dtype`` as floats that convert back exactly (the
+    top of int32 is not a float32, nor the top of int64 a float64)."""
+    info = np.iinfo(int_dtype)
+    ftype = np.dtype(float_dtype) if np.issubdtype(float_dtype, np.floating) \
+        else np.dtype(np.float64)
+    hi = np.asarray(info.max, dtype=ftype)
+    if int(hi) > info.max:
+        hi = np.nextafter(hi, ftype.type(0))
+    return ftype.type(info.min), ftype.type(hi)

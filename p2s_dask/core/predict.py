@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .layout import piece_rows, rows_order, voxel_rows
 from .patches import interior_shape, shifted_views, sub_boxes
 from .solve import LinearModel
 
 
 def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
-                  transform=None, max_bytes: int = 4 * 2**20) -> np.ndarray:
+                  transform=None, max_bytes: int = 4 * 2**20, dtype=np.float64,
+                  store: bool = True) -> np.ndarray | None:
     """Denoised volumes on the interior of a block.
 
     Parameters
@@ -20,46 +22,131 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
     model : LinearModel
         Acting on the ``m`` volumes of the block.
     out : ndarray, shape (bx, by, bz, n_out), optional
-        Where to write; any dtype (float64 if not given).
+        Where to write; any dtype. By default a new array of ``dtype`` in the
+        block's memory order.
     transform : callable, optional
-        Applied to each float64 ``(voxels, n_out)`` piece before it is written
-        (post-processing, casting, bookkeeping) and returning the values to write.
+        Applied to each ``(voxels, n_out)`` piece of ``dtype`` before it is
+        written (post-processing, casting, bookkeeping) and returning the
+        values to write.
     max_bytes : int
-        The block is walked in sub-boxes of about this many bytes of float64,
-        which keeps temporaries in cache and out of fresh memory pages.
+        The block is walked in pieces of about this many bytes, which keeps
+        temporaries in cache and out of fresh memory pages.
+    dtype : numpy dtype
+        Arithmetic of the matrix products: float64, or float32 (twice the
+        speed, float32 rounding: what DIPY uses for non-float64 data).
+    store : bool
+        False: only run ``transform`` on the pieces (e.g. to gather minima);
+        nothing is written and None is returned.
 
     Returns
     -------
-    ndarray, shape (bx, by, bz, n_out)
+    ndarray, shape (bx, by, bz, n_out), or None
     """
     m = block.shape[-1]
     shape = interior_shape(block.shape, radius)
     n_out = model.n_volumes
-    if out is None:
-        out = np.empty(shape + (n_out,), dtype=np.float64)
+    dtype = np.dtype(dtype)
+    if out is None and store:
+        out = np.empty(shape + (n_out,), dtype=dtype, order=rows_order(block))
+    if not any(radius):
+        rows, order = voxel_rows(block)
+        out_rows, out_order = voxel_rows(out) if store else (None, order)
+        if rows is not None and out_order == order:
+            _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype)
+            return out
+    if not store:
+        out = None
     # Rows of W for patch offset p are {u * P + p}: one (m x n_out) slice per
     # offset, so the prediction is a sum of GEMMs over offsets and the
     # (voxels, m * P) feature matrix is never formed.
     w = model.weights.reshape(m, model.patch_size, n_out)
-    w = [np.ascontiguousarray(w[:, p, :]) for p in range(model.patch_size)]
+    w = [np.ascontiguousarray(w[:, p, :], dtype=dtype) for p in range(model.patch_size)]
+    intercept = model.intercept.astype(dtype)
     for box in sub_boxes(shape, max(m, n_out), max_bytes):
         views = shifted_views(block, radius, box)
         nvox = int(np.prod(views[0].shape[:3]))
-        acc = np.empty((nvox, n_out))
+        acc = np.empty((nvox, n_out), dtype=dtype)
         tmp = None
         for p, view in enumerate(views):
-            x = np.asarray(view, dtype=np.float64).reshape(nvox, m)
+            x = np.asarray(view, dtype=dtype).reshape(nvox, m)
             if p == 0:
                 np.matmul(x, w[p], out=acc)
             else:
                 tmp = np.matmul(x, w[p], out=tmp)
                 acc += tmp
-        acc += model.intercept
+        acc += intercept
         if transform is not None:
             acc = transform(acc)
-        (x0, x1), (y0, y1), (z0, z1) = box
-        out[x0:x1, y0:y1, z0:z1] = acc.reshape(x1 - x0, y1 - y0, z1 - z0, n_out)
+        if out is not None:
+            (x0, x1), (y0, y1), (z0, z1) = box
+            out[x0:x1, y0:y1, z0:z1] = acc.reshape(x1 - x0, y1 - y0, z1 - z0, n_out)
     return out
+
+
+def _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype):
+    """Patch radius 0: the prediction is ``rows @ W + b``, piece by piece.
+
+    For volume-major ('F') rows the product is taken as ``W.T @ rows.T`` so
+    that every operand and result keeps the block's own layout.
+    """
+    n_vox, m = rows.shape
+    n_out = model.n_volumes
+    weights = np.asarray(model.weights, dtype=dtype)
+    weights_t = np.ascontiguousarray(weights.T)
+    intercept = model.intercept.astype(dtype)
+    segments = block_segments(model.weights)
+    step = piece_rows(n_vox, max(m, n_out), dtype.itemsize, max_bytes)
+    size = min(step, n_vox)
+    xbuf = np.empty((size, m), dtype=dtype, order=order)
+    ybuf = np.empty((size, n_out), dtype=dtype, order=order)
+    for j in range(0, n_vox, step):
+        piece = rows[j:j + step]
+        k = piece.shape[0]
+        x, y = xbuf[:k], ybuf[:k]
+        np.copyto(x, piece, casting="unsafe")
+        for (a, b), (c0, c1) in segments:
+            if order == "F":
+                np.matmul(weights_t[c0:c1, a:b], x.T[a:b], out=y.T[c0:c1])
+            else:
+                np.matmul(x[:, a:b], weights[a:b, c0:c1], out=y[:, c0:c1])
+        y += intercept
+        values = transform(y) if transform is not None else y
+        if out_rows is not None:
+            out_rows[j:j + k] = values
+
+
+def block_segments(weights: np.ndarray, min_saving: float = 0.05):
+    """Split ``x @ weights`` into products over contiguous blocks.
+
+    Groups of consecutive volumes (b0s first, then DWIs) make the weights
+    block-diagonal; their off-diagonal zeros are worth skipping. Returns a
+    list of ``((a, b), (c0, c1))``: output columns ``c0:c1`` depend only on
+    input rows ``a:b``. One segment covering everything when the saving
+    would be small.
+    """
+    m, n_out = weights.shape
+    whole = [((0, m), (0, n_out))]
+    nonzero = weights != 0
+    used = nonzero.any(axis=0)
+    first = np.where(used, nonzero.argmax(axis=0), 0)
+    last = np.where(used, m - 1 - nonzero[::-1].argmax(axis=0), -1)
+    segments = []
+    for c in range(n_out):
+        hull = (int(first[c]), int(last[c]) + 1)
+        if used[c] and n_out == m:
+            # a volume's own (zero) weight sits inside its group's block
+            hull = (min(hull[0], c), max(hull[1], c + 1))
+        if segments and segments[-1][0] == hull:
+            segments[-1] = (hull, (segments[-1][1][0], c + 1))
+        else:
+            segments.append((hull, (c, c + 1)))
+    segments = [seg for seg in segments if seg[0][1] > seg[0][0]]
+    work = sum((b - a) * (c1 - c0) for (a, b), (c0, c1) in segments)
+    if not segments or work > (1 - min_saving) * m * n_out or len(segments) > 16:
+        return whole
+    # columns with no weights at all (none in practice) must still be zeroed
+    covered = sum(c1 - c0 for _, (c0, c1) in segments)
+    return segments if covered == n_out else whole
 
 
 def combine(models, groups, n_volumes: int, patch_size: int) -> LinearModel:

@@ -14,6 +14,7 @@ from functools import reduce
 import numpy as np
 import scipy.linalg.blas
 
+from .layout import piece_rows, select_rows, voxel_rows
 from .patches import features, interior_shape, shifted_views, sub_boxes
 
 
@@ -143,6 +144,12 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
     """
     m = block.shape[-1]
     n_features = m * int(np.prod([2 * r + 1 for r in radius]))
+    if not any(radius):
+        rows, order = voxel_rows(block)
+        if rows is not None:
+            if mask is not None:
+                rows = select_rows(rows, order, mask)
+            return _matrix_stats(rows, order, max_bytes)
     shape = interior_shape(block.shape, radius)
     # Wide features (patches): the exact block mean first (no feature matrix
     # needed), then the centred scatter accumulated by rank-k updates: no
@@ -164,4 +171,27 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
         # BLAS wrappers, releases the GIL, so Dask's threads run in parallel;
         # enough rows per update make the F x F addition a small overhead
         scatter += x.T @ x
+    return Stats(count, mean, scatter)
+
+
+def _matrix_stats(rows: np.ndarray, order: str, max_bytes: int) -> Stats:
+    """Statistics of the rows of a ``(voxels, F)`` matrix in either layout.
+
+    The exact mean first, then the scatter of the centred rows accumulated
+    piece by piece: centring and the float64 conversion are one pass into a
+    cache-sized buffer, and each ``b.T @ b`` is a rank-k update (syrk) that
+    releases the GIL.
+    """
+    count, n_features = rows.shape
+    if count == 0:
+        return Stats.empty(n_features)
+    mean = rows.sum(axis=0, dtype=np.float64) / count
+    scatter = np.zeros((n_features, n_features))
+    step = piece_rows(count, n_features, 8, max_bytes)
+    buf = np.empty((min(step, count), n_features), dtype=np.float64, order=order)
+    for j in range(0, count, step):
+        piece = rows[j:j + step]
+        b = buf[:piece.shape[0]]
+        np.subtract(piece, mean, out=b)
+        scatter += b.T @ b
     return Stats(count, mean, scatter)

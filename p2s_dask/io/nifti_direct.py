@@ -1,21 +1,26 @@
 """Uncompressed ``.nii`` files read and written in place, chunk by chunk.
 
 An uncompressed NIfTI allows random access, so a local ``.nii`` needs no
-conversion to Zarr: each task maps the file and reads (or writes) its own
-spatial block of all volumes. A block that spans whole x-rows of a range of
-y is, per volume and z-plane, one contiguous run in the file, so the reads
-stay sequential enough for the disk. Tasks open the file themselves, so
-this works for workers that share the machine's disk (a local cluster), not
-for remote workers.
+conversion to Zarr: each task reads (or writes) its own spatial block of all
+volumes. A block of whole x-rows (whole xy-planes, or part of one plane) is
+one contiguous run of the file per volume: it is read with one ``preadv``
+per volume into a volume-major (Fortran-ordered) array, the file's own
+layout, which the core uses as it is (no transposes). Writes go through a
+background thread per file, so the prediction never waits for the disk.
+Tasks open the file themselves, so this works for workers that share the
+machine's disk (a local cluster), not for remote workers.
 """
 
 from __future__ import annotations
 
 import os
+import queue
+import threading
 
 import dask.array as da
 import numpy as np
 
+from ..errors import InputError
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader
 from .urls import is_local, local_path
@@ -38,18 +43,98 @@ def _mapped(path, meta: DwiMeta, mode):
                      shape=tuple(meta.shape), order="F")
 
 
-# volumes moved per step between the file's volume-major order and the
-# engine's volume-last order: a few volumes at a time keep both sides in cache
-# (2-3x faster than one whole-block transpose)
-_VOLUME_STEP = 8
+def _volume_runs(meta: DwiMeta, region):
+    """``(offset, nbytes)`` of each volume's part of ``region`` when that part
+    is one contiguous run of the file, else None."""
+    shape = tuple(meta.shape)
+    region = tuple(region) + (slice(None),) * (4 - len(region))
+    (x, y, z, v) = (s.indices(n) for s, n in zip(region, shape))
+    full_x = (x[0], x[1]) == (0, shape[0])
+    full_y = (y[0], y[1]) == (0, shape[1])
+    one_z = z[1] - z[0] == 1
+    if not (full_x and (full_y or one_z)):
+        return None
+    item = meta.disk_dtype.itemsize
+    plane = shape[0] * shape[1]
+    start = (z[0] * plane + y[0] * shape[0] + x[0]) * item
+    nbytes = (x[1] - x[0]) * (y[1] - y[0]) * (z[1] - z[0]) * item
+    volume = plane * shape[2] * item
+    return [(meta.data_offset + k * volume + start, nbytes) for k in range(v[0], v[1])]
+
+
+def _advise(fd, runs, advice):
+    if hasattr(os, "posix_fadvise"):
+        for offset, nbytes in runs:
+            os.posix_fadvise(fd, offset, nbytes, advice)
+
+
+# Blocks are announced to the kernel in aligned windows of this many blocks
+# along z: Dask runs the blocks of one merge group of the statistics tree
+# (or of neighbouring writes) together but in no fixed order, so "the next
+# block" is unknown while "the blocks around this one" are a good guess.
+READ_WINDOW = 8
+_ANNOUNCED: set = set()
+_ANNOUNCED_LOCK = threading.Lock()
+
+
+def _read_ahead(fd, path, meta: DwiMeta, region):
+    """Ask the kernel to read the rest of this block's window in the background,
+    once per window, so that its reads overlap this block's work."""
+    region = tuple(region) + (slice(None),) * (4 - len(region))
+    z0, z1, _ = region[2].indices(meta.shape[2])
+    depth = max(1, z1 - z0)
+    first = (z0 // depth) // READ_WINDOW * READ_WINDOW * depth
+    key = (path, os.path.getmtime(path), str(region[:2]), first, depth)
+    with _ANNOUNCED_LOCK:
+        if key in _ANNOUNCED:
+            return
+        if len(_ANNOUNCED) > 4096:
+            _ANNOUNCED.clear()
+        _ANNOUNCED.add(key)
+    window = region[:2] + (slice(first, min(meta.shape[2], first + READ_WINDOW * depth)),) \
+        + region[3:]
+    # whole xy-planes: the window is one run per volume (one large read each)
+    runs = _volume_runs(meta, window)
+    if runs is None:
+        runs = [run for start in range(first, window[2].stop, depth)
+                for run in _volume_runs(meta, region[:2] + (slice(start, start + depth),)
+                                        + region[3:]) or []]
+    _advise(fd, runs, getattr(os, "POSIX_FADV_WILLNEED", 3))
 
 
 def _read_block(path, meta, region):
-    source = _mapped(path, meta, "r")[region]
-    block = np.empty(source.shape, dtype=meta.raw_dtype)
-    for v0 in range(0, source.shape[3], _VOLUME_STEP):
-        block[..., v0:v0 + _VOLUME_STEP] = source[..., v0:v0 + _VOLUME_STEP]
+    """One block of all volumes, volume-major (Fortran order, as on disk).
+
+    A block whose volumes are each one run of the file is read with one
+    ``preadv`` per volume straight into the array, and the next block along
+    z is announced to the kernel so that its reads overlap this block's work.
+    """
+    runs = _volume_runs(meta, region)
+    if runs is None:
+        source = _mapped(path, meta, "r")[region]
+        return np.array(source, dtype=meta.raw_dtype, order="F")
+    shape = tuple(len(range(*s.indices(n))) for s, n in zip(region, meta.shape))
+    block = np.empty(shape, dtype=meta.disk_dtype, order="F")
+    columns = block.reshape(-1, shape[3], order="F")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _read_ahead(fd, path, meta, region)
+        for k, (offset, nbytes) in enumerate(runs):
+            _read_exactly(fd, memoryview(columns[:, k]).cast("B"), offset, path)
+    finally:
+        os.close(fd)
+    if block.dtype != meta.raw_dtype:
+        block = block.astype(meta.raw_dtype, order="F")
     return block
+
+
+def _read_exactly(fd, buf, offset, path):
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got == 0:
+            raise InputError(f"{path} is truncated (the data ends before the header's shape)")
+        done += got
 
 
 def read_meta(url) -> DwiMeta:
@@ -109,10 +194,108 @@ def create_nifti(path, meta: DwiMeta) -> None:
         fh.truncate(size)
 
 
-def write_block(path, meta: DwiMeta, region, values) -> None:
-    """Write one block of values into a file made by :func:`create_nifti`."""
-    target = _mapped(path, meta, "r+")[region]
-    for v0 in range(0, target.shape[3], _VOLUME_STEP):
-        target[..., v0:v0 + _VOLUME_STEP] = values[..., v0:v0 + _VOLUME_STEP]
-    target.flush()  # on disk before the caller marks the block done
-    del target
+def write_block(path, meta: DwiMeta, region, values):
+    """Write one block of values into a file made by :func:`create_nifti`.
+
+    The data is in the page cache when this returns (it survives a killed
+    process); :func:`finish_writes` makes the whole file durable. Returns
+    the file runs written, or None when the block went through a mapping.
+    """
+    values = np.asarray(values)
+    runs = _volume_runs(meta, region)
+    if runs is None or not values.flags.f_contiguous:
+        target = _mapped(path, meta, "r+")[region]
+        target[...] = values
+        del target
+        return None
+    if values.dtype != meta.disk_dtype:
+        values = values.astype(meta.disk_dtype, order="F")
+    columns = values.reshape(-1, values.shape[3], order="F")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for k, (offset, nbytes) in enumerate(runs):
+            buf = memoryview(columns[:, k]).cast("B")
+            done = 0
+            while done < nbytes:
+                done += os.pwritev(fd, [buf[done:]], offset + done)
+    finally:
+        os.close(fd)
+    return runs
+
+
+class BlockWriter:
+    """Writes blocks into one file from a background thread.
+
+    Prediction tasks hand their block over and go on computing while the
+    kernel absorbs the write; ``then`` (e.g. marking the chunk done) runs
+    after the block is written. The queue is short, so at most a few blocks
+    wait in memory.
+    """
+
+    def __init__(self, path, meta: DwiMeta, depth: int = 2):
+        self.path, self.meta = path, meta
+        self.queue = queue.Queue(maxsize=depth)
+        self.error = None
+        self.thread = threading.Thread(target=self._run, name="p2s-block-writer",
+                                       daemon=True)
+        self.thread.start()
+
+    def submit(self, region, values, then=None) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((region, values, then))
+
+    def _run(self):
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                region, values, then = item
+                if self.error is None:
+                    write_block(self.path, self.meta, region, values)
+                    if then is not None:
+                        then()
+            except BaseException as exc:  # reported by close()
+                self.error = exc
+            finally:
+                self.queue.task_done()
+
+    def close(self) -> None:
+        """Wait for the queued blocks, make the file durable, raise any error."""
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if self.error is not None:
+            raise self.error
+
+
+_WRITERS: dict = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def submit_block(path, meta: DwiMeta, region, values, then=None) -> None:
+    """Queue a block for this process's background writer of ``path``."""
+    with _WRITERS_LOCK:
+        writer = _WRITERS.get(path)
+        if writer is None:
+            writer = _WRITERS[path] = BlockWriter(path, meta)
+    writer.submit(region, values, then)
+
+
+def finish_writes(path) -> bool:
+    """Flush this process's writer of ``path`` (if any) and fsync the file.
+
+    Run on every worker (``client.run``) once all tasks are done.
+    """
+    with _WRITERS_LOCK:
+        writer = _WRITERS.pop(path, None)
+    if writer is None:
+        return False
+    writer.close()
+    return True

@@ -1,0 +1,51 @@
+"""Blocks seen as ``(voxels, volumes)`` matrices without copying.
+
+A block is a 4D array ``(bx, by, bz, m)``. Read from a Zarr chunk it is
+C-ordered (the volumes of a voxel are adjacent); read from a NIfTI file it is
+Fortran-ordered (each volume is one contiguous plane, as on disk). Either
+way its ``(voxels, m)`` matrix is a plain reshape, and BLAS takes both
+orientations, so the core never pays for a transpose.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def voxel_rows(block: np.ndarray):
+    """The ``(voxels, m)`` view of a contiguous 4D block, and its voxel order.
+
+    Returns
+    -------
+    rows : ndarray (voxels, m) or None
+        A view (never a copy); None when ``block`` is neither C- nor
+        Fortran-contiguous.
+    order : {'C', 'F'} or None
+        Order of the voxels along the rows ('F': x fastest).
+    """
+    m = block.shape[-1]
+    if block.flags.c_contiguous:
+        return block.reshape(-1, m), "C"
+    if block.flags.f_contiguous:
+        return block.reshape(-1, m, order="F"), "F"
+    return None, None
+
+
+def rows_order(block: np.ndarray) -> str:
+    """'F' for a volume-major (Fortran) block, else 'C'."""
+    return "F" if block.flags.f_contiguous and not block.flags.c_contiguous else "C"
+
+
+def select_rows(rows: np.ndarray, order: str, keep: np.ndarray) -> np.ndarray:
+    """Rows where the 3D boolean ``keep`` is true, keeping ``rows``' layout."""
+    flat = np.asarray(keep, bool).reshape(-1, order=order)
+    if order == "F":
+        # gather along the contiguous voxel axis of each volume
+        return rows.T[:, flat].T
+    return rows[flat]
+
+
+def piece_rows(n_rows: int, n_cols: int, itemsize: int, max_bytes: int,
+               min_rows: int = 256) -> int:
+    """Rows per piece so that a piece holds about ``max_bytes``."""
+    return max(min_rows, int(max_bytes // max(1, n_cols * itemsize)))
