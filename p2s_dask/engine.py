@@ -137,13 +137,18 @@ def _as_range(indices):
     return None
 
 
+def _volume_minima(block) -> np.ndarray:
+    """Per-volume minimum of a block (a transposing copy only if it is strided)."""
+    rows, _ = voxel_rows(block)
+    if rows is None:
+        rows = block.reshape(-1, block.shape[-1])
+    return rows.min(axis=0).astype(np.float64)
+
+
 def _summarize_block(block, mask, groups, radius, origin, check_finite) -> Summary:
     inner = _interior(block, radius)
     n = block.shape[-1]
-    rows, _ = voxel_rows(inner)
-    if rows is None:
-        rows = inner.reshape(-1, n)
-    summary = Summary(stats=[], minima=rows.min(axis=0).astype(np.float64))
+    summary = Summary(stats=[], minima=_volume_minima(inner))
     if check_finite and np.issubdtype(block.dtype, np.inexact):
         bad = ~np.isfinite(inner)
         count = int(np.count_nonzero(bad))

@@ -117,3 +117,36 @@ def test_quality_against_ground_truth():
     before = np.sqrt(np.mean((data[mask] - clean[mask]) ** 2))
     after = np.sqrt(np.mean((den[mask] - clean[mask]) ** 2))
     assert after < 0.75 * before
+
+
+@pytest.mark.parametrize("radius", [0, 1])
+def test_float32_data_uses_float32_and_stays_close(phantom, radius):
+    """float32 data (DIPY's usual input) is predicted in float32 by default:
+    the result is the reference up to float32 rounding."""
+    data, bvals, _ = phantom
+    data32 = data.astype(np.float32)
+    ours = patch2self(data32, bvals, patch_radius=radius, version=1)
+    ref = reference(data32.astype(np.float64), bvals, model="ols", alpha=1.0,
+                    patch_radius=radius)
+    assert ours.dtype == np.float32
+    err = np.abs(ours - ref).max() / np.ptp(data)
+    assert err <= 2e-6, f"max error {err:.2e} of the data range"
+
+
+def test_int16_output_from_float32_arithmetic(real):
+    """int16 in, int16 out (the common scanner case): float32 arithmetic
+    rounds to the same integers as the float64 reference except, rarely, at
+    a half-integer, and never by more than one unit."""
+    data, bvals = real_crop(real, 0)
+    ints = np.rint(data * (20000 / data.max())).astype(np.int16)
+    ref = reference(ints.astype(np.float64), bvals, model="ols", alpha=1.0,
+                    patch_radius=0)
+    want = np.clip(np.rint(ref), -32768, 32767)
+    ours = patch2self(ints, bvals, version=1)
+    diff = np.abs(ours.astype(np.float64) - want)
+    assert ours.dtype == np.int16
+    assert diff.max() <= 1
+    assert np.mean(diff > 0) < 1e-3
+    # float64 arithmetic gives exactly the rounded reference
+    exact = patch2self(ints, bvals, version=1, precision="float64")
+    np.testing.assert_array_equal(exact, want)

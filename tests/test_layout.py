@@ -1,0 +1,153 @@
+"""Volume-major (Fortran) blocks, block-diagonal products and float32
+prediction give the same numbers as the plain C-ordered float64 path."""
+
+import numpy as np
+import pytest
+
+from p2s_dask.core import LinearModel, block_stats, predict_block
+from p2s_dask.core.layout import voxel_rows
+from p2s_dask.core.postprocess import cast
+from p2s_dask.core.predict import block_segments
+from p2s_dask.validate import check_precision
+from p2s_dask.errors import InputError
+
+
+@pytest.fixture
+def block():
+    rng = np.random.default_rng(11)
+    signal = rng.uniform(200, 900, (9, 7, 5, 1)) * rng.uniform(0.3, 1.0, 12)
+    return np.rint(signal + rng.normal(0, 25, signal.shape)).astype(np.int16)
+
+
+def plain_stats(x):
+    """Count, mean and centred scatter by the textbook formula."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+    mu = x.mean(axis=0)
+    return x.shape[0], mu, (x - mu).T @ (x - mu)
+
+
+def model_for(m, rng, groups):
+    w = np.zeros((m, m))
+    for a, b in groups:
+        w[a:b, a:b] = rng.normal(0, 0.1, (b - a, b - a))
+    np.fill_diagonal(w, 0)
+    return LinearModel(w, rng.normal(0, 5, m), 1)
+
+
+def test_voxel_rows_are_views_in_either_order(block):
+    c, f = np.ascontiguousarray(block), np.asfortranarray(block)
+    rows_c, order_c = voxel_rows(c)
+    rows_f, order_f = voxel_rows(f)
+    assert (order_c, order_f) == ("C", "F")
+    assert np.shares_memory(rows_c, c) and np.shares_memory(rows_f, f)
+    # the same voxels, listed in a different order
+    assert sorted(map(tuple, rows_c)) == sorted(map(tuple, rows_f))
+    assert voxel_rows(block[:, :3])[0] is None  # strided: no silent copy
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_block_stats_layouts_match_textbook(block, order):
+    arranged = np.array(block, order=order)
+    st = block_stats(arranged, (0, 0, 0), max_bytes=2000)  # many pieces
+    n, mu, s = plain_stats(block)
+    assert st.count == n
+    np.testing.assert_allclose(st.mean, mu, rtol=1e-13)
+    np.testing.assert_allclose(st.scatter, s, rtol=1e-10, atol=1e-8 * np.abs(s).max())
+
+
+def test_block_stats_mask_in_fortran_order(block):
+    mask = np.random.default_rng(2).random(block.shape[:3]) > 0.4
+    st = block_stats(np.asfortranarray(block), (0, 0, 0), mask=mask)
+    n, mu, s = plain_stats(block[mask])
+    assert st.count == n
+    np.testing.assert_allclose(st.scatter, s, rtol=1e-10, atol=1e-8 * np.abs(s).max())
+
+
+@pytest.mark.parametrize("groups", [[(0, 12)], [(0, 3), (3, 12)], [(0, 1), (1, 12)]])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_prediction_layouts_and_segments_match_dense(block, order, groups):
+    rng = np.random.default_rng(5)
+    mdl = model_for(block.shape[-1], rng, groups)
+    dense = block.reshape(-1, 12).astype(np.float64) @ mdl.weights + mdl.intercept
+    out = predict_block(np.array(block, order=order), (0, 0, 0), mdl, max_bytes=3000)
+    assert out.flags.f_contiguous == (order == "F")
+    np.testing.assert_allclose(out.reshape(-1, 12), dense, rtol=1e-12,
+                               atol=1e-9 * np.abs(dense).max())
+
+
+def test_block_segments_cover_groups():
+    w = np.zeros((10, 10))
+    w[:4, :4] = 1
+    w[4:, 4:] = 1
+    np.fill_diagonal(w, 0)
+    assert block_segments(w) == [((0, 4), (0, 4)), ((4, 10), (4, 10))]
+    assert block_segments(np.ones((10, 10))) == [((0, 10), (0, 10))]
+
+
+@pytest.mark.parametrize("n", [6, 40])
+def test_interleaved_groups_predict_like_dense(n):
+    """b0s interleaved with DWIs: whatever the split, the products add up."""
+    rng = np.random.default_rng(n)
+    w = np.zeros((n, n))
+    for idx in (np.arange(0, n, 5), np.setdiff1d(np.arange(n), np.arange(0, n, 5))):
+        w[np.ix_(idx, idx)] = rng.normal(0, 0.1, (idx.size, idx.size))
+    np.fill_diagonal(w, 0)
+    segments = block_segments(w)
+    assert sum(c1 - c0 for _, (c0, c1) in segments) == n
+    mdl = LinearModel(w, rng.normal(0, 1, n), 1)
+    x = rng.normal(100, 10, (4, 3, 2, n))
+    for order in "CF":
+        out = predict_block(np.array(x, order=order), (0, 0, 0), mdl)
+        np.testing.assert_allclose(out.reshape(-1, n), x.reshape(-1, n) @ w + mdl.intercept,
+                                   rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_float32_prediction_is_float32_close(block, order):
+    rng = np.random.default_rng(8)
+    mdl = model_for(12, rng, [(0, 12)])
+    arranged = np.array(block, order=order)
+    p64 = predict_block(arranged, (0, 0, 0), mdl)
+    p32 = predict_block(arranged, (0, 0, 0), mdl, dtype=np.float32)
+    assert p32.dtype == np.float32
+    scale = np.abs(block).max() * np.abs(mdl.weights).sum(axis=0).max()
+    assert np.abs(p32 - p64).max() <= 1e-6 * scale
+
+
+def test_store_false_only_runs_the_transform(block):
+    mdl = model_for(12, np.random.default_rng(1), [(0, 12)])
+    seen = []
+    res = predict_block(np.asfortranarray(block), (0, 0, 0), mdl, store=False,
+                        transform=lambda piece: seen.append(piece.min(axis=0)) or piece)
+    assert res is None
+    full = predict_block(block, (0, 0, 0), mdl)
+    np.testing.assert_allclose(np.min(seen, axis=0), full.reshape(-1, 12).min(axis=0),
+                               rtol=1e-12)
+
+
+def test_cast_inplace_never_overflows_integer_range():
+    vals = np.array([3e9, -3e9, 1.5, -2.5, 70000.0], dtype=np.float32)
+    for dtype in (np.int16, np.int32, np.uint16):
+        info = np.iinfo(dtype)
+        out = np.empty(vals.shape, dtype)
+        out[...] = cast(vals.copy(), dtype, inplace=True)
+        assert out.min() >= info.min and out.max() <= info.max
+        np.testing.assert_array_equal(out, cast(vals.copy(), dtype))
+    assert cast(vals.copy(), np.int32)[0] > 2**31 - 200  # near the top, not wrapped
+
+
+@pytest.mark.parametrize("data, out, expected", [
+    (np.int16, np.int16, np.float32), (np.float32, None, np.float32),
+    (np.uint8, np.float32, np.float32), (np.float64, np.float32, np.float64),
+    (np.int16, np.float64, np.float64), (np.int32, np.int16, np.float64),
+])
+def test_precision_auto(data, out, expected):
+    assert check_precision(None, data, out) == np.dtype(expected)
+    assert check_precision("auto", data, out) == np.dtype(expected)
+
+
+def test_precision_explicit_and_bad():
+    assert check_precision("float64", np.int16, np.int16) == np.float64
+    assert check_precision(np.float32, np.float64, None) == np.float32
+    with pytest.raises(InputError, match="precision must be one of"):
+        check_precision("half", np.int16, None)
