@@ -39,6 +39,7 @@ from .io import (
 )
 from .io import mark_complete, open_dwi_array
 from .io.budget import parse_memory_limit
+from .io.malloc import reuse_freed_memory
 from .io.nifti_direct import (create_nifti, finish_writes, is_plain_nifti, open_nifti,
                                read_meta, submit_block)
 from .io.urls import exists, is_local, join, local_path, remove
@@ -326,6 +327,9 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
             direct_chunks = _engine_chunks(shape, budget, n_threads, options.chunks,
                                            itemsize=8 if raw.scaled else raw.raw_dtype.itemsize)
             values, meta = open_nifti(inp, direct_chunks)
+            # every task allocates a block and its prediction of the same size:
+            # let the allocator hand freed ones back instead of fresh pages
+            reuse_freed_memory(int(np.prod(direct_chunks)) * shape[3] * 8)
         elif in_kind == "nifti":
             src = work.file("input.zarr")
             if not (exists(src, storage_options) and is_complete(src, storage_options)):

@@ -16,9 +16,10 @@ import ctypes.util
 import functools
 import sys
 
-__all__ = ["return_freed_memory"]
+__all__ = ["return_freed_memory", "reuse_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 _TRIM_THRESHOLD = 64 << 10
 
 
@@ -45,6 +46,25 @@ def return_freed_memory() -> bool:
     """
     libc = _libc()
     return bool(libc is not None and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+
+
+def reuse_freed_memory(largest: int) -> bool:
+    """Let glibc reuse freed buffers of up to ``largest`` bytes.
+
+    The opposite trade-off to :func:`return_freed_memory`, for runs that
+    allocate and free the same few large blocks over and over (every block
+    read and every prediction is tens of MB): above 32 MB glibc maps fresh
+    pages for each one, and the kernel then faults in and zeroes every page
+    again (gigabytes per pass). Raising the mmap and trim thresholds keeps
+    freed blocks for the next ones; the process stays at its high-water
+    mark, which the memory budget bounds anyway.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    size = int(max(largest, 1 << 20)) * 2
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, min(size, 1 << 30))
+                and libc.mallopt(_M_TRIM_THRESHOLD, min(4 * size, (1 << 31) - 1)))
 
 
 def trim() -> None:
