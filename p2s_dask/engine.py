@@ -203,6 +203,19 @@ def _tree(items, fan_in=TREE_FAN_IN):
     return items[0]
 
 
+def _chain(items, step=TREE_FAN_IN):
+    """Merge delayed summaries along a chain, ``step`` new blocks per link.
+
+    Dask then works through the blocks in order (a tree lets it take the
+    groups in any order), so reading ahead of the current block pays off.
+    """
+    merge_delayed = dask.delayed(_merge_summaries, pure=True)
+    total = merge_delayed(*items[:step])
+    for i in range(step, len(items), step):
+        total = merge_delayed(total, *items[i:i + step])
+    return total
+
+
 def chunk_origins(chunks):
     """Start index of every chunk along each spatial axis."""
     return [np.cumsum((0,) + c[:-1]) for c in chunks[:3]]
@@ -237,8 +250,9 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
                         check_finite))
     p = patch_size(radius)
     widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
-    fan_in = TREE_FAN_IN if widest * widest * 8 <= 32 * 2**20 else 2
-    return _tree(parts, fan_in)
+    if widest * widest * 8 <= 32 * 2**20:
+        return _chain(parts)
+    return _tree(parts, 2)
 
 
 @dataclass(frozen=True)

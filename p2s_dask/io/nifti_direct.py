@@ -69,37 +69,41 @@ def _advise(fd, runs, advice):
 
 
 # Blocks are announced to the kernel in aligned windows of this many blocks
-# along z: Dask runs the blocks of one merge group of the statistics tree
-# (or of neighbouring writes) together but in no fixed order, so "the next
-# block" is unknown while "the blocks around this one" are a good guess.
+# along z: Dask runs the blocks of one link of the statistics chain (or
+# neighbouring writes) together but in no fixed order within it, so "the
+# blocks around this one, and the next window" is the guess.
 READ_WINDOW = 8
 _ANNOUNCED: set = set()
 _ANNOUNCED_LOCK = threading.Lock()
 
 
 def _read_ahead(fd, path, meta: DwiMeta, region):
-    """Ask the kernel to read the rest of this block's window in the background,
-    once per window, so that its reads overlap this block's work."""
+    """Ask the kernel to read this block's window and the next one in the
+    background (each once), so that reads overlap the work on earlier blocks."""
     region = tuple(region) + (slice(None),) * (4 - len(region))
     z0, z1, _ = region[2].indices(meta.shape[2])
     depth = max(1, z1 - z0)
-    first = (z0 // depth) // READ_WINDOW * READ_WINDOW * depth
-    key = (path, os.path.getmtime(path), str(region[:2]), first, depth)
-    with _ANNOUNCED_LOCK:
-        if key in _ANNOUNCED:
-            return
-        if len(_ANNOUNCED) > 4096:
-            _ANNOUNCED.clear()
-        _ANNOUNCED.add(key)
-    window = region[:2] + (slice(first, min(meta.shape[2], first + READ_WINDOW * depth)),) \
-        + region[3:]
-    # whole xy-planes: the window is one run per volume (one large read each)
-    runs = _volume_runs(meta, window)
-    if runs is None:
-        runs = [run for start in range(first, window[2].stop, depth)
-                for run in _volume_runs(meta, region[:2] + (slice(start, start + depth),)
-                                        + region[3:]) or []]
-    _advise(fd, runs, getattr(os, "POSIX_FADV_WILLNEED", 3))
+    span = READ_WINDOW * depth
+    first = (z0 // depth) // READ_WINDOW * span
+    for start in (first, first + span):
+        if start >= meta.shape[2]:
+            break
+        key = (path, os.path.getmtime(path), str(region[:2]), start, depth)
+        with _ANNOUNCED_LOCK:
+            if key in _ANNOUNCED:
+                continue
+            if len(_ANNOUNCED) > 4096:
+                _ANNOUNCED.clear()
+            _ANNOUNCED.add(key)
+        stop = min(meta.shape[2], start + span)
+        window = region[:2] + (slice(start, stop),) + region[3:]
+        # whole xy-planes: the window is one run per volume (one large read each)
+        runs = _volume_runs(meta, window)
+        if runs is None:
+            runs = [run for z in range(start, stop, depth)
+                    for run in _volume_runs(meta, region[:2] + (slice(z, z + depth),)
+                                            + region[3:]) or []]
+        _advise(fd, runs, getattr(os, "POSIX_FADV_WILLNEED", 3))
 
 
 def _read_block(path, meta, region):
