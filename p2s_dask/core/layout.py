@@ -45,7 +45,6 @@ def select_rows(rows: np.ndarray, order: str, keep: np.ndarray) -> np.ndarray:
     return rows[flat]
 
 
-def piece_rows(n_rows: int, n_cols: int, itemsize: int, max_bytes: int,
-               min_rows: int = 256) -> int:
+def piece_rows(n_cols: int, itemsize: int, max_bytes: int, min_rows: int = 256) -> int:
     """Rows per piece so that a piece holds about ``max_bytes``."""
     return max(min_rows, int(max_bytes // max(1, n_cols * itemsize)))

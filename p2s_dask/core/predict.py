@@ -95,7 +95,7 @@ def _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype):
     weights_t = np.ascontiguousarray(weights.T)
     intercept = model.intercept.astype(dtype)
     segments = block_segments(model.weights)
-    step = piece_rows(n_vox, max(m, n_out), dtype.itemsize, max_bytes)
+    step = piece_rows(max(m, n_out), dtype.itemsize, max_bytes)
     size = min(step, n_vox)
     xbuf = np.empty((size, m), dtype=dtype, order=order)
     ybuf = np.empty((size, n_out), dtype=dtype, order=order)

@@ -187,7 +187,7 @@ def _matrix_stats(rows: np.ndarray, order: str, max_bytes: int) -> Stats:
         return Stats.empty(n_features)
     mean = rows.sum(axis=0, dtype=np.float64) / count
     scatter = np.zeros((n_features, n_features))
-    step = piece_rows(count, n_features, 8, max_bytes)
+    step = piece_rows(n_features, 8, max_bytes)
     buf = np.empty((min(step, count), n_features), dtype=np.float64, order=order)
     for j in range(0, count, step):
         piece = rows[j:j + step]

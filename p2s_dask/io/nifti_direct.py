@@ -198,12 +198,11 @@ def create_nifti(path, meta: DwiMeta) -> None:
         fh.truncate(size)
 
 
-def write_block(path, meta: DwiMeta, region, values):
+def write_block(path, meta: DwiMeta, region, values) -> None:
     """Write one block of values into a file made by :func:`create_nifti`.
 
     The data is in the page cache when this returns (it survives a killed
-    process); :func:`finish_writes` makes the whole file durable. Returns
-    the file runs written, or None when the block went through a mapping.
+    process); :func:`finish_writes` makes the whole file durable.
     """
     values = np.asarray(values)
     runs = _volume_runs(meta, region)
@@ -211,7 +210,7 @@ def write_block(path, meta: DwiMeta, region, values):
         target = _mapped(path, meta, "r+")[region]
         target[...] = values
         del target
-        return None
+        return
     if values.dtype != meta.disk_dtype:
         values = values.astype(meta.disk_dtype, order="F")
     columns = values.reshape(-1, values.shape[3], order="F")
@@ -224,7 +223,6 @@ def write_block(path, meta: DwiMeta, region, values):
                 done += os.pwritev(fd, [buf[done:]], offset + done)
     finally:
         os.close(fd)
-    return runs
 
 
 class BlockWriter:
