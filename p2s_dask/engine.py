@@ -28,8 +28,9 @@ from dask.graph_manipulation import bind
 
 from .core import LinearModel, block_stats, fit, merge, patch_size, predict_block
 from .core.layout import rows_order, voxel_rows
-from .core.postprocess import cast, intensity_shift
+from .core.postprocess import intensity_shift
 from .core.predict import combine
+from .core.predict import prediction_minima as block_prediction_minima
 from .errors import InputError
 from .groups import Group
 from .validate import describe_nonfinite
@@ -314,20 +315,22 @@ def _post(shift, clip):
 
 
 def _predict_min_chunk(block, fitted: FittedModels, radius):
-    n = block.shape[-1]
-    running = _RunningMin(n)
-    predict_block(block, radius, fitted.plan, transform=running, store=False,
-                  dtype=fitted.calc_dtype)
-    return running.value.reshape(1, 1, 1, -1)
+    lowest = block_prediction_minima(block, radius, fitted.plan, dtype=fitted.calc_dtype)
+    return lowest.reshape(1, 1, 1, -1)
 
 
-def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype):
-    """Denoised, shifted, clipped and cast values of one block's interior."""
-    post = _post(shift, clip)
+def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=None):
+    """Denoised, shifted, clipped and cast values of one block's interior
+    (into ``out`` when given: an array of the interior's shape and ``dtype``,
+    in the block's layout)."""
+    if out is None:
+        out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
+                       dtype=dtype, order=rows_order(block))
+    # the shift rides along with the intercept; the cast happens as values
+    # are stored
     return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
-                         transform=lambda piece: cast(post(piece), dtype, inplace=True),
-                         out=np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
-                                      dtype=dtype, order=rows_order(block)))
+                         offset=shift, transform=_post(None, clip) if clip else None,
+                         out=out)
 
 
 def _one_key(obj):

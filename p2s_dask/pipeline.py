@@ -17,11 +17,14 @@ Zarr store is marked complete. The work store is removed after success.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
 import pickle
+import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -30,6 +33,7 @@ import numpy as np
 
 from . import engine
 from .cluster import LocalThreads, dask_client, require_shared_files, scheduler_address
+from .core.layout import rows_order
 from .core.postprocess import intensity_shift, resolve_postprocess
 from .errors import InputError
 from .groups import make_groups
@@ -40,8 +44,8 @@ from .io import (
 from .io import mark_complete, open_dwi_array
 from .io.budget import parse_memory_limit
 from .io.malloc import reuse_freed_memory
-from .io.nifti_direct import (create_nifti, finish_writes, is_plain_nifti, open_nifti,
-                               read_meta, submit_block)
+from .io.nifti_direct import (block_buffer, create_nifti, finish_writes, is_plain_nifti,
+                               open_nifti, read_meta, submit_block)
 from .io.urls import exists, is_local, join, local_path, remove
 from .io.zarr_store import create_dwi_store
 from .memory import PeakMemory
@@ -162,6 +166,39 @@ class _Work:
                 self.fs.rm(self.path, recursive=True)
 
 
+def _discard(out, work: _Work, storage_options):
+    """Delete the output that ``--overwrite`` replaces.
+
+    Freeing a large file's blocks takes seconds, so a local output is moved
+    into the work store (a rename: instant) and deleted by a background
+    thread, which the run joins before it removes the work store. Returns
+    that thread, or None when the output was deleted here.
+    """
+    if is_local(out) and is_local(work.url):
+        work.makedirs()
+        target = local_path(work.file("replaced"))
+        try:
+            os.replace(local_path(out), target)
+        except OSError:  # another file system (--tmp-dir): delete in place
+            pass
+        else:
+            thread = threading.Thread(target=_delete_local, args=(target,),
+                                      name="p2s-discard", daemon=True)
+            thread.start()
+            return thread
+    remove(out, storage_options)
+    return None
+
+
+def _delete_local(path):
+    # best effort: whatever is left goes with the work store
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def _bucket_note(url, storage_options) -> str:
     """Why an object-store ``url`` is missing, when it is its bucket."""
     if is_local(url):
@@ -266,10 +303,11 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         out_kind == "nifti" or is_complete(out, storage_options))
     if out_done and not overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it")
+    discarding = None
     if overwrite:
         work.remove()
         if exists(out, storage_options):
-            remove(out, storage_options)
+            discarding = _discard(out, work, storage_options)
     elif exists(out, storage_options) and not work.has("params.json"):
         raise InputError(f"{out} exists (an unfinished store not made by this run); "
                          "pass --overwrite to replace it")
@@ -424,6 +462,8 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
             zarr_to_nifti(target_url, out, memory_limit=budget, overwrite=True,
                           storage_options=storage_options, progress=progress)
         report.stages["output"] = time.perf_counter() - t0
+    if discarding is not None:
+        discarding.join()
     work.remove()
     report.seconds = time.perf_counter() - start
     report.peak_rss = peak.peak
@@ -483,6 +523,9 @@ class ZarrSink:
     def __init__(self, array):
         self.array = array
 
+    def buffer(self, region, dtype):
+        return None
+
     def write(self, region, values, then):
         self.array[region] = values
         then()
@@ -495,12 +538,18 @@ class NiftiSink:
     def __init__(self, path, meta):
         self.path, self.meta = path, meta
 
+    def buffer(self, region, dtype):
+        """A block laid out for direct writes (or None: the default layout)."""
+        return block_buffer(self.meta, region, dtype)
+
     def write(self, region, values, then):
         submit_block(self.path, self.meta, region, values, then)
 
 
 def _write_chunk(block, region, fitted, radius, shift, clip, dtype, sink, work, key):
-    out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype)
+    # a volume-major block predicts straight into the writer's layout
+    buffer = sink.buffer(region, dtype) if rows_order(block) == "F" else None
+    out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype, out=buffer)
     # the marker goes after the data: a marked chunk is always fully written
     sink.write(region, out, lambda: work.mark_done(key))
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)

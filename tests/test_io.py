@@ -655,3 +655,103 @@ def test_background_writer_reports_errors(tmp_path):
     with pytest.raises(OSError):
         finish_writes(out)
     assert marked == []  # a failed block is never marked done
+
+
+# -- direct (page-cache bypassing) writes ------------------------------------
+
+def _nifti_meta(tmp_path, data):
+    from p2s_dask.io.nifti_direct import read_meta
+    src = tmp_path / "src.nii"
+    nib.save(nib.Nifti1Image(data, np.diag([2, 2, 2, 1])), str(src))
+    return read_meta(str(src))
+
+
+def test_aligned_block_lines_volumes_up_with_the_file(tmp_path):
+    from p2s_dask.core.layout import voxel_rows
+    from p2s_dask.io.direct_io import ALIGN
+    from p2s_dask.io.nifti_direct import _volume_runs, block_buffer
+    data = np.zeros((45, 37, 9, 5), np.int16)
+    meta = _nifti_meta(tmp_path, data)
+    region = (slice(None), slice(None), slice(2, 5))
+    buf = block_buffer(meta, region, np.int16)
+    assert buf.shape == (45, 37, 3, 5) and not buf.flags.f_contiguous  # padded apart
+    for k, (offset, nbytes) in enumerate(_volume_runs(meta, region)):
+        assert nbytes == buf[..., k].nbytes and buf[..., k].flags.f_contiguous
+        assert (buf[..., k].ctypes.data - offset) % ALIGN == 0
+    # the core sees it as a (voxels, volumes) view in file order
+    buf[...] = np.arange(buf.size, dtype=np.int16).reshape(buf.shape, order="F")
+    rows, order = voxel_rows(buf)
+    assert order == "F" and np.shares_memory(rows, buf)
+    np.testing.assert_array_equal(rows, buf.reshape(-1, 5, order="F"))
+    # no per-volume runs (a partial x range), or another dtype: no special layout
+    assert block_buffer(meta, (slice(0, 4), slice(None), slice(0, 1)), np.int16) is None
+    assert block_buffer(meta, region, np.float32) is None
+
+
+@pytest.mark.parametrize("shape,depth", [((64, 64, 6, 5), 2), ((45, 37, 7, 4), 3),
+                                         ((16, 8, 4, 3), 1)])
+def test_direct_writes_round_trip(tmp_path, monkeypatch, shape, depth):
+    from p2s_dask.io.direct_io import RunWriter, open_direct
+    from p2s_dask.io.nifti_direct import block_buffer, create_nifti, write_block
+    data = np.random.default_rng(7).integers(-30000, 30000, shape).astype(np.int16)
+    meta = _nifti_meta(tmp_path, data)
+    out = str(tmp_path / "out.nii")
+    create_nifti(out, meta)
+    writer = RunWriter(out)
+    direct_bytes = []
+    real_pwrite = os.pwrite
+
+    def counting_pwrite(fd, buf, offset):
+        got = real_pwrite(fd, buf, offset)
+        if fd == writer.direct_fd:
+            direct_bytes.append(got)
+        return got
+
+    monkeypatch.setattr(os, "pwrite", counting_pwrite)
+    for z0 in range(0, shape[2], depth):
+        region = (slice(None), slice(None), slice(z0, min(shape[2], z0 + depth)))
+        block = block_buffer(meta, region, np.int16)
+        block[...] = data[region]
+        write_block(out, meta, region, block, writer)
+    writer.close()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), data)
+    probe = open_direct(out)
+    if probe is not None:  # this file system takes direct I/O: it was used
+        os.close(probe)
+        plane_bytes = shape[0] * shape[1] * 2
+        if plane_bytes * depth >= 2 * 4096:
+            assert sum(direct_bytes) > data.nbytes // 3
+        else:
+            assert direct_bytes == []  # runs under two pages: all buffered
+
+
+def test_direct_writes_fall_back_when_refused(tmp_path, monkeypatch):
+    import errno as errno_mod
+
+    from p2s_dask.io.direct_io import RunWriter
+    from p2s_dask.io.nifti_direct import block_buffer, create_nifti, write_block
+    data = np.random.default_rng(8).integers(-300, 300, (64, 64, 4, 3)).astype(np.int16)
+    meta = _nifti_meta(tmp_path, data)
+    out = str(tmp_path / "out.nii")
+    create_nifti(out, meta)
+    writer = RunWriter(out)
+    if writer.direct_fd is None:
+        writer.direct_fd = os.open(out, os.O_WRONLY)  # pretend: refused below
+        writer.direct = True
+    real_pwrite = os.pwrite
+
+    def refusing_pwrite(fd, buf, offset):
+        if fd == writer.direct_fd:
+            raise OSError(errno_mod.EINVAL, "Invalid argument")
+        return real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    region = (slice(None), slice(None), slice(0, 4))
+    block = block_buffer(meta, region, np.int16)
+    block[...] = data
+    write_block(out, meta, region, block, writer)
+    assert writer.direct is False
+    writer.close()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), data)

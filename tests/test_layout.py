@@ -6,8 +6,8 @@ import pytest
 
 from p2s_dask.core import LinearModel, block_stats, predict_block
 from p2s_dask.core.layout import voxel_rows
-from p2s_dask.core.postprocess import cast
-from p2s_dask.core.predict import block_segments
+from p2s_dask.core.postprocess import cast, cast_into
+from p2s_dask.core.predict import block_segments, prediction_minima
 from p2s_dask.validate import check_precision
 from p2s_dask.errors import InputError
 
@@ -123,6 +123,41 @@ def test_store_false_only_runs_the_transform(block):
     full = predict_block(block, (0, 0, 0), mdl)
     np.testing.assert_allclose(np.min(seen, axis=0), full.reshape(-1, 12).min(axis=0),
                                rtol=1e-12)
+
+
+@pytest.mark.parametrize("radius", [(0, 0, 0), (1, 1, 0)])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_prediction_minima_are_those_of_the_prediction_bit_for_bit(block, order, dtype,
+                                                                    radius):
+    rng = np.random.default_rng(3)
+    p = int(np.prod([2 * r + 1 for r in radius]))
+    w = rng.normal(0, 0.1, (12 * p, 12))
+    mdl = LinearModel(w, rng.normal(0, 50, 12), p)
+    padded = np.pad(block, [(r, r) for r in radius] + [(0, 0)])
+    arranged = np.array(padded, order=order)
+    values = predict_block(arranged, radius, mdl, dtype=dtype, max_bytes=4000)
+    got = prediction_minima(arranged, radius, mdl, dtype=dtype, max_bytes=4000)
+    np.testing.assert_array_equal(got, values.reshape(-1, 12).min(axis=0))
+
+
+def test_offset_is_added_with_the_intercept(block):
+    rng = np.random.default_rng(4)
+    mdl = model_for(12, rng, [(0, 4), (4, 12)])
+    shift = rng.normal(0, 30, 12)
+    for order in "CF":
+        arranged = np.array(block, order=order)
+        got = predict_block(arranged, (0, 0, 0), mdl, offset=shift)
+        np.testing.assert_allclose(got, predict_block(arranged, (0, 0, 0), mdl) + shift,
+                                   rtol=1e-13, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint8, np.int32, np.bool_, np.float32])
+def test_cast_into_follows_cast(dtype):
+    vals = np.array([[3e9, -3e9, 1.5, -2.5], [70000.0, 0.49, 0.5, 254.6]], dtype=np.float32)
+    target = np.empty(vals.shape, dtype, order="F")
+    cast_into(vals.copy(), target)
+    np.testing.assert_array_equal(target, np.asarray(cast(vals.copy(), dtype), dtype))
 
 
 def test_cast_inplace_never_overflows_integer_range():

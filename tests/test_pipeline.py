@@ -98,6 +98,15 @@ def test_refuses_to_overwrite(dataset, tmp_path, capsys):
     assert "exists" in err and "--overwrite" in err and "\n" not in err
     assert cli("denoise", path, out, "--overwrite") == 0
     assert nib.load(out).shape == nib.load(path).shape
+    # a replaced store (a folder) is replaced whole, and the work store it
+    # was moved into for deletion is gone too
+    store = tmp_path / "den.zarr"
+    assert cli("denoise", path, store) == 0
+    (store / "stale").write_bytes(b"x")
+    assert cli("denoise", path, store) == 2
+    assert cli("denoise", path, store, "--overwrite") == 0
+    assert not (store / "stale").exists() and (store / "zarr.json").exists()
+    assert not list(tmp_path.glob("*.p2s-work"))
 
 
 def one_line_error(capsys, *args):

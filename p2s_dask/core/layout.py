@@ -13,22 +13,41 @@ import numpy as np
 
 
 def voxel_rows(block: np.ndarray):
-    """The ``(voxels, m)`` view of a contiguous 4D block, and its voxel order.
+    """The ``(voxels, m)`` view of a 4D block, and its voxel order.
+
+    The block is C- or Fortran-contiguous, or each of its volumes is one
+    Fortran-contiguous run (volumes possibly spaced apart).
 
     Returns
     -------
     rows : ndarray (voxels, m) or None
-        A view (never a copy); None when ``block`` is neither C- nor
-        Fortran-contiguous.
+        A view (never a copy); None for any other layout.
     order : {'C', 'F'} or None
         Order of the voxels along the rows ('F': x fastest).
     """
     m = block.shape[-1]
     if block.flags.c_contiguous:
         return block.reshape(-1, m), "C"
-    if block.flags.f_contiguous:
-        return block.reshape(-1, m, order="F"), "F"
+    columns = volume_columns(block)
+    if columns is not None:
+        return columns, "F"
     return None, None
+
+
+def volume_columns(block: np.ndarray):
+    """The ``(voxels, m)`` view of a 4D block whose volumes are each one
+    Fortran-ordered run (adjacent, or spaced apart: e.g. so that each lines
+    up with its place in a file for direct writes); None otherwise."""
+    m = block.shape[-1]
+    if block.flags.f_contiguous:
+        return block.reshape(-1, m, order="F")
+    if block.ndim != 4 or m == 0 or not block[..., 0].flags.f_contiguous:
+        return None
+    n = block[..., 0].size
+    if block.strides[3] < n * block.itemsize:
+        return None  # overlapping or reversed volumes
+    return np.lib.stride_tricks.as_strided(block, (n, m), (block.itemsize, block.strides[3]),
+                                           writeable=block.flags.writeable)
 
 
 def rows_order(block: np.ndarray) -> str:

@@ -71,6 +71,25 @@ def cast(values: np.ndarray, dtype, inplace: bool = False) -> np.ndarray:
     return values.astype(dtype, copy=False)
 
 
+def cast_into(values: np.ndarray, target: np.ndarray) -> None:
+    """Write float ``values`` into ``target`` by :func:`cast`'s rules
+    (``values`` may be modified).
+
+    For integers the rounding is done in place and the range clipping
+    writes the converted values straight into ``target``: one pass instead
+    of a clip and then a (slow, checked) float-to-integer assignment.
+    """
+    dtype = target.dtype
+    if np.issubdtype(dtype, np.integer):
+        lo, hi = _int_bounds(values.dtype, dtype)
+        np.rint(values, out=values)
+        np.clip(values, lo, hi, out=target, casting="unsafe")
+    elif dtype == np.bool_:
+        np.greater_equal(values, 0.5, out=target)
+    else:
+        target[...] = values
+
+
 def _int_bounds(float_dtype, int_dtype):
     """The range of ``int_dtype`` as floats that convert back exactly (the
     top of int32 is not a float32, nor the top of int64 a float64)."""

@@ -6,12 +6,13 @@ import numpy as np
 
 from .layout import piece_rows, rows_order, voxel_rows
 from .patches import interior_shape, shifted_views, sub_boxes
+from .postprocess import cast_into
 from .solve import LinearModel
 
 
 def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
                   transform=None, max_bytes: int = 4 * 2**20, dtype=np.float64,
-                  store: bool = True) -> np.ndarray | None:
+                  store: bool = True, offset=None) -> np.ndarray | None:
     """Denoised volumes on the interior of a block.
 
     Parameters
@@ -22,12 +23,13 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
     model : LinearModel
         Acting on the ``m`` volumes of the block.
     out : ndarray, shape (bx, by, bz, n_out), optional
-        Where to write; any dtype. By default a new array of ``dtype`` in the
-        block's memory order.
+        Where to write; any dtype (integers are rounded to nearest and
+        clipped to their range, see :func:`.postprocess.cast_into`). By
+        default a new array of ``dtype`` in the block's memory order.
     transform : callable, optional
         Applied to each ``(voxels, n_out)`` piece of ``dtype`` before it is
-        written (post-processing, casting, bookkeeping) and returning the
-        values to write.
+        written (post-processing, bookkeeping) and returning the values to
+        write.
     max_bytes : int
         The block is walked in pieces of about this many bytes, which keeps
         temporaries in cache and out of fresh memory pages.
@@ -37,31 +39,79 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
     store : bool
         False: only run ``transform`` on the pieces (e.g. to gather minima);
         nothing is written and None is returned.
+    offset : ndarray (n_out,), optional
+        A per-volume constant added together with the intercept (e.g. the
+        intensity shift: one pass over the values instead of two).
 
     Returns
     -------
     ndarray, shape (bx, by, bz, n_out), or None
     """
-    m = block.shape[-1]
     shape = interior_shape(block.shape, radius)
     n_out = model.n_volumes
     dtype = np.dtype(dtype)
+    constant = np.asarray(model.intercept, np.float64)
+    if offset is not None:
+        constant = constant + np.asarray(offset, np.float64)
+    constant = constant.astype(dtype)
     if out is None and store:
         out = np.empty(shape + (n_out,), dtype=dtype, order=rows_order(block))
     if not any(radius):
         rows, order = voxel_rows(block)
         out_rows, out_order = voxel_rows(out) if store else (None, order)
         if rows is not None and out_order == order:
-            _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype)
+            for j, y in _row_products(rows, order, model, max_bytes, dtype):
+                y += constant
+                values = transform(y) if transform is not None else y
+                if out_rows is not None:
+                    cast_into(values, out_rows[j:j + y.shape[0]])
             return out
     if not store:
         out = None
+    for box, acc in _patch_products(block, radius, model, shape, max_bytes, dtype):
+        acc += constant
+        if transform is not None:
+            acc = transform(acc)
+        if out is not None:
+            (x0, x1), (y0, y1), (z0, z1) = box
+            cast_into(acc.reshape(x1 - x0, y1 - y0, z1 - z0, n_out),
+                      out[x0:x1, y0:y1, z0:z1])
+    return out
+
+
+def prediction_minima(block: np.ndarray, radius, model: LinearModel,
+                      max_bytes: int = 4 * 2**20, dtype=np.float64) -> np.ndarray:
+    """Per-volume minimum ``(n_out,)`` over the block's interior of the
+    values :func:`predict_block` would give (before any offset).
+
+    Rounding is monotonic, so the minimum of ``fl(y + b)`` is
+    ``fl(min(y) + b)``: the intercept is added once per volume, not once per
+    voxel, and the result is the same bit for bit.
+    """
+    dtype = np.dtype(dtype)
+    intercept = np.asarray(model.intercept, np.float64).astype(dtype)
+    lowest = np.full(model.n_volumes, np.inf, dtype=dtype)
+    rows, order = voxel_rows(block) if not any(radius) else (None, None)
+    if rows is not None:
+        pieces = _row_products(rows, order, model, max_bytes, dtype)
+    else:
+        shape = interior_shape(block.shape, radius)
+        pieces = _patch_products(block, radius, model, shape, max_bytes, dtype)
+    for _, y in pieces:
+        np.minimum(lowest, y.min(axis=0), out=lowest)
+    return (lowest + intercept).astype(np.float64)
+
+
+def _patch_products(block, radius, model, shape, max_bytes, dtype):
+    """Yield ``(box, values)``: the prediction without intercept, sub-box by
+    sub-box, of ``(voxels, n_out)`` values in ``dtype``."""
+    m = block.shape[-1]
+    n_out = model.n_volumes
     # Rows of W for patch offset p are {u * P + p}: one (m x n_out) slice per
     # offset, so the prediction is a sum of GEMMs over offsets and the
     # (voxels, m * P) feature matrix is never formed.
     w = model.weights.reshape(m, model.patch_size, n_out)
     w = [np.ascontiguousarray(w[:, p, :], dtype=dtype) for p in range(model.patch_size)]
-    intercept = model.intercept.astype(dtype)
     for box in sub_boxes(shape, max(m, n_out), max_bytes):
         views = shifted_views(block, radius, box)
         nvox = int(np.prod(views[0].shape[:3]))
@@ -74,17 +124,12 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
             else:
                 tmp = np.matmul(x, w[p], out=tmp)
                 acc += tmp
-        acc += intercept
-        if transform is not None:
-            acc = transform(acc)
-        if out is not None:
-            (x0, x1), (y0, y1), (z0, z1) = box
-            out[x0:x1, y0:y1, z0:z1] = acc.reshape(x1 - x0, y1 - y0, z1 - z0, n_out)
-    return out
+        yield box, acc
 
 
-def _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype):
-    """Patch radius 0: the prediction is ``rows @ W + b``, piece by piece.
+def _row_products(rows, order, model, max_bytes, dtype):
+    """Patch radius 0: yield ``(start, rows[start:start + k] @ W)`` (no
+    intercept), piece by piece, in a reused buffer of the rows' layout.
 
     For volume-major ('F') rows the product is taken as ``W.T @ rows.T`` so
     that every operand and result keeps the block's own layout.
@@ -93,7 +138,6 @@ def _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype):
     n_out = model.n_volumes
     weights = np.asarray(model.weights, dtype=dtype)
     weights_t = np.ascontiguousarray(weights.T)
-    intercept = model.intercept.astype(dtype)
     segments = block_segments(model.weights)
     step = piece_rows(max(m, n_out), dtype.itemsize, max_bytes)
     size = min(step, n_vox)
@@ -109,10 +153,7 @@ def _predict_rows(rows, order, model, out_rows, transform, max_bytes, dtype):
                 np.matmul(weights_t[c0:c1, a:b], x.T[a:b], out=y.T[c0:c1])
             else:
                 np.matmul(x[:, a:b], weights[a:b, c0:c1], out=y[:, c0:c1])
-        y += intercept
-        values = transform(y) if transform is not None else y
-        if out_rows is not None:
-            out_rows[j:j + k] = values
+        yield j, y
 
 
 def block_segments(weights: np.ndarray, min_saving: float = 0.05):

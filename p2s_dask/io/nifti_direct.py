@@ -5,8 +5,9 @@ conversion to Zarr: each task reads (or writes) its own spatial block of all
 volumes. A block of whole x-rows (whole xy-planes, or part of one plane) is
 one contiguous run of the file per volume: it is read with one ``preadv``
 per volume into a volume-major (Fortran-ordered) array, the file's own
-layout, which the core uses as it is (no transposes). Writes go through a
-background thread per file, so the prediction never waits for the disk.
+layout, which the core uses as it is (no transposes). Writes go through
+background threads per file, so the prediction never waits for the disk, and
+mostly bypass the page cache (see :mod:`.direct_io`).
 Tasks open the file themselves, so this works for workers that share the
 machine's disk (a local cluster), not for remote workers.
 """
@@ -21,6 +22,8 @@ import dask.array as da
 import numpy as np
 
 from ..errors import InputError
+from ..core.layout import volume_columns
+from .direct_io import RunWriter, aligned_block, preallocate, start_writeback
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader
 from .urls import is_local, local_path
@@ -187,8 +190,9 @@ def _read_task(block_info=None, path=None, nifti=None):
 def create_nifti(path, meta: DwiMeta) -> None:
     """An uncompressed ``.nii`` of the meta's header, its data all zero.
 
-    The data area is allocated sparsely (truncate), so creating it is instant
-    and blocks may then be written in any order by :func:`write_block`.
+    The data area is reserved (where the file system can) but not written,
+    so creating it is instant, a full disk is reported before any work, and
+    blocks may then be written in any order by :func:`write_block`.
     """
     hdr = meta.nifti_header()
     hdr["vox_offset"] = meta.data_offset
@@ -196,51 +200,76 @@ def create_nifti(path, meta: DwiMeta) -> None:
         fh.write(bytes(hdr.binaryblock) + meta.extra)
         size = meta.data_offset + int(np.prod(meta.shape)) * meta.raw_dtype.itemsize
         fh.truncate(size)
+        fh.flush()
+        try:
+            preallocate(fh.fileno(), meta.data_offset, size - meta.data_offset)
+        except OSError:
+            raise InputError(f"{path}: not enough free space for the output "
+                             f"({size / 1e9:.2f} GB)") from None
 
 
-def write_block(path, meta: DwiMeta, region, values) -> None:
+def block_buffer(meta: DwiMeta, region, dtype) -> np.ndarray | None:
+    """An empty block for ``region`` laid out so that :func:`write_block`
+    writes it mostly with direct I/O (each volume's run congruent in memory
+    to its place in the file); None when the region has no per-volume runs
+    or ``dtype`` is not what the file stores."""
+    runs = _volume_runs(meta, region)
+    if runs is None or np.dtype(dtype) != meta.disk_dtype:
+        return None
+    shape = tuple(len(range(*s.indices(n))) for s, n in
+                  zip(tuple(region) + (slice(None),) * (4 - len(region)), meta.shape))
+    return aligned_block(shape, dtype, [offset for offset, _ in runs])
+
+
+def write_block(path, meta: DwiMeta, region, values, writer: RunWriter | None = None) -> None:
     """Write one block of values into a file made by :func:`create_nifti`.
 
-    The data is in the page cache when this returns (it survives a killed
-    process); :func:`finish_writes` makes the whole file durable.
+    With a ``writer`` (a :class:`RunWriter` of ``path``) each volume's run
+    goes straight to the disk where aligned, else through the page cache.
+    Either way the data survives a killed process once this returns;
+    :func:`finish_writes` makes the whole file durable.
     """
     values = np.asarray(values)
     runs = _volume_runs(meta, region)
-    if runs is None or not values.flags.f_contiguous:
+    if values.dtype != meta.disk_dtype:
+        values = values.astype(meta.disk_dtype, order="F")
+    columns = volume_columns(values) if values.ndim == 4 else None
+    if runs is None or columns is None:
         target = _mapped(path, meta, "r+")[region]
         target[...] = values
         del target
         return
-    if values.dtype != meta.disk_dtype:
-        values = values.astype(meta.disk_dtype, order="F")
-    columns = values.reshape(-1, values.shape[3], order="F")
-    fd = os.open(path, os.O_WRONLY)
+    own = writer is None
+    if own:
+        writer = RunWriter(path, direct=False)
     try:
         for k, (offset, nbytes) in enumerate(runs):
-            buf = memoryview(columns[:, k]).cast("B")
-            done = 0
-            while done < nbytes:
-                done += os.pwritev(fd, [buf[done:]], offset + done)
+            writer.write(columns[:, k], offset)
     finally:
-        os.close(fd)
+        if own:
+            writer.close(sync=False)
 
 
 class BlockWriter:
-    """Writes blocks into one file from a background thread.
+    """Writes blocks into one file from background threads.
 
     Prediction tasks hand their block over and go on computing while the
-    kernel absorbs the write; ``then`` (e.g. marking the chunk done) runs
+    writers wait for the disk; ``then`` (e.g. marking the chunk done) runs
     after the block is written. The queue is short, so at most a few blocks
-    wait in memory.
+    wait in memory. Several threads keep several direct writes in flight
+    (one at a time leaves the disk idle between them).
     """
 
-    def __init__(self, path, meta: DwiMeta, depth: int = 2):
+    def __init__(self, path, meta: DwiMeta, depth: int = 2, threads: int = 4):
         self.path, self.meta = path, meta
+        self.runs = None  # opened by the first block (errors go to close())
+        self.lock = threading.Lock()
         self.queue = queue.Queue(maxsize=depth)
         self.error = None
-        self.thread = threading.Thread(target=self._run, name="p2s-block-writer",
-                                       daemon=True)
-        self.thread.start()
+        self.threads = [threading.Thread(target=self._run, name=f"p2s-block-writer-{i}",
+                                         daemon=True) for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
 
     def submit(self, region, values, then=None) -> None:
         if self.error is not None:
@@ -255,7 +284,9 @@ class BlockWriter:
                     return
                 region, values, then = item
                 if self.error is None:
-                    write_block(self.path, self.meta, region, values)
+                    writer = self._writer()
+                    write_block(self.path, self.meta, region, values, writer)
+                    start_writeback(writer.fd)
                     if then is not None:
                         then()
             except BaseException as exc:  # reported by close()
@@ -263,16 +294,20 @@ class BlockWriter:
             finally:
                 self.queue.task_done()
 
+    def _writer(self) -> RunWriter:
+        with self.lock:
+            if self.runs is None:
+                self.runs = RunWriter(self.path)
+            return self.runs
+
     def close(self) -> None:
         """Wait for the queued blocks, make the file durable, raise any error."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is None:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        if self.runs is not None:
+            self.runs.close(sync=self.error is None)
         if self.error is not None:
             raise self.error
 
