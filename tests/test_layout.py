@@ -186,3 +186,32 @@ def test_precision_explicit_and_bad():
     assert check_precision(np.float32, np.float64, None) == np.float32
     with pytest.raises(InputError, match="precision must be one of"):
         check_precision("half", np.int16, None)
+
+
+def _exact_scatter(x):
+    """Centred scatter of integer rows in exact rational arithmetic."""
+    from fractions import Fraction
+    x = [[int(v) for v in row] for row in np.asarray(x).T]
+    n = len(x[0])
+    sums = [sum(col) for col in x]
+    return np.array([[float(Fraction(n * sum(a * b for a, b in zip(ci, cj)) - si * sj, n))
+                      for cj, sj in zip(x, sums)] for ci, si in zip(x, sums)])
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8, np.bool_])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_integer_statistics_are_exact_at_the_range_limits(dtype, order):
+    from p2s_dask.core.stats import _exact_unit
+    rng = np.random.default_rng(6)
+    info = np.iinfo(np.uint8 if dtype == np.bool_ else dtype)
+    unit = _exact_unit(dtype)
+    # several units where they are small: one unit over all rows would overflow
+    n = min(5 * unit // 2, 120000)
+    # half the values at each end of the range: the largest possible scatter
+    x = np.where(rng.random((n, 3)) < 0.5, info.min, info.max).astype(dtype)
+    x[:, 2] = rng.integers(info.min, int(info.max) + 1, n)  # and an ordinary column
+    block = np.array(x.reshape(n, 1, 1, 3), order=order)
+    st = block_stats(block, (0, 0, 0))
+    want = _exact_scatter(x)
+    np.testing.assert_allclose(st.scatter, want, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(st.mean, x.astype(np.float64).mean(axis=0), rtol=1e-15)

@@ -8,6 +8,7 @@ reduction tree give the same statistics up to rounding.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import reduce
 
@@ -174,8 +175,51 @@ def block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
     return Stats(count, mean, scatter)
 
 
+def _exact_unit(dtype) -> int:
+    """Rows per exact integer unit for data of ``dtype`` (0: not integers).
+
+    For integers of at most 16 bits, float64 holds every product and every
+    sum over this many rows exactly, and int64 holds ``n * S = n * G - s s^T``
+    (see :func:`_integer_stats`).
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biu" or dtype.itemsize > 2:
+        return 0
+    info = np.iinfo(np.uint8 if dtype.kind == "b" else dtype)
+    top = max(abs(int(info.min)), int(info.max))
+    return max(1, min((1 << 53) // (top * top), math.isqrt(1 << 61) // top))
+
+
+def _integer_stats(rows: np.ndarray, order: str, max_bytes: int) -> Stats:
+    """Exact statistics of integer rows (at most :func:`_exact_unit` of them).
+
+    The uncentred Gram matrix of the rows with a column of ones appended,
+    ``[X 1]^T [X 1]``, holds ``G = X^T X``, the column sums ``s`` and the
+    count: one rank-k update per piece and no separate passes for the mean
+    or the centring. Every entry is an integer that float64 holds exactly,
+    and ``n S = n G - s s^T`` is formed exactly in int64, so the scatter is
+    the true one rounded once (no cancellation error at all).
+    """
+    count, n_features = rows.shape
+    step = piece_rows(n_features + 1, 8, max_bytes)
+    buf = np.empty((min(step, count), n_features + 1), dtype=np.float64, order=order)
+    buf[:, n_features] = 1.0
+    gram = np.zeros((n_features + 1, n_features + 1))
+    for j in range(0, count, step):
+        piece = rows[j:j + step]
+        b = buf[:piece.shape[0]]
+        np.copyto(b[:, :n_features], piece)
+        gram += b.T @ b
+    sums = gram[n_features, :n_features].astype(np.int64)
+    n_scatter = gram[:n_features, :n_features].astype(np.int64) * count - np.outer(sums, sums)
+    return Stats(count, sums / count, n_scatter / count)
+
+
 def _matrix_stats(rows: np.ndarray, order: str, max_bytes: int) -> Stats:
     """Statistics of the rows of a ``(voxels, F)`` matrix in either layout.
+
+    Integers of up to 16 bits (scanner data) take the exact path of
+    :func:`_integer_stats`, unit by unit; other data the following.
 
     The exact mean first, then the scatter of the centred rows accumulated
     piece by piece: centring and the float64 conversion are one pass into a
@@ -185,6 +229,10 @@ def _matrix_stats(rows: np.ndarray, order: str, max_bytes: int) -> Stats:
     count, n_features = rows.shape
     if count == 0:
         return Stats.empty(n_features)
+    unit = _exact_unit(rows.dtype)
+    if unit:
+        return merge_all(_integer_stats(rows[j:j + unit], order, max_bytes)
+                         for j in range(0, count, unit))
     mean = rows.sum(axis=0, dtype=np.float64) / count
     scatter = np.zeros((n_features, n_features))
     step = piece_rows(n_features, 8, max_bytes)
