@@ -1,6 +1,8 @@
 """Exactness against the reference Patch2Self (DIPY's patch extraction plus
 scikit-learn, per volume) on a ground-truth phantom and on real data."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,11 @@ _REFERENCES = {}
 
 def reference(data, bvals, **kw):
     """The reference is slow: compute each case once per session."""
-    key = (id(data), tuple(sorted(kw.items())))
+    # keyed by content: the id of a freed temporary is reused by later ones,
+    # which would hand a test another test's reference
+    digest = hashlib.sha1(np.ascontiguousarray(data).tobytes()).hexdigest()
+    key = (data.shape, data.dtype.str, digest, tuple(sorted(kw.items())),
+           hashlib.sha1(np.ascontiguousarray(bvals).tobytes()).hexdigest())
     if key not in _REFERENCES:
         _REFERENCES[key] = reference_patch2self(data, bvals, **kw)
     return _REFERENCES[key]

@@ -755,3 +755,30 @@ def test_direct_writes_fall_back_when_refused(tmp_path, monkeypatch):
     writer.close()
     monkeypatch.undo()
     np.testing.assert_array_equal(np.asanyarray(nib.load(out).dataobj), data)
+
+
+def test_full_disk_is_reported_before_any_work(tmp_path, monkeypatch):
+    import ctypes
+    import errno as errno_mod
+
+    from p2s_dask.io import direct_io
+    from p2s_dask.io.nifti_direct import create_nifti
+
+    def full(fd, mode, offset, length):
+        ctypes.set_errno(errno_mod.ENOSPC)
+        return -1
+
+    def unsupported(fd, mode, offset, length):
+        ctypes.set_errno(errno_mod.EOPNOTSUPP)
+        return -1
+
+    data = np.zeros((8, 8, 4, 3), np.int16)
+    meta = _nifti_meta(tmp_path, data)
+    monkeypatch.setattr(direct_io, "_libc_fallocate", lambda: full)
+    with pytest.raises(InputError, match="not enough free space"):
+        create_nifti(str(tmp_path / "full.nii"), meta)
+    # a file system that cannot reserve blocks: a sparse file, as before
+    monkeypatch.setattr(direct_io, "_libc_fallocate", lambda: unsupported)
+    out = tmp_path / "sparse.nii"
+    create_nifti(str(out), meta)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), data)
