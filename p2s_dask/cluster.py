@@ -60,9 +60,8 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None,
         yield LocalThreads(n_threads)
         return
     from distributed import Client, LocalCluster
-    processes = True
     with LocalCluster(
-        n_workers=n_workers, threads_per_worker=n_threads, processes=processes,
+        n_workers=n_workers, threads_per_worker=n_threads, processes=True,
         # The budget is kept by the chunk sizes p2s-dask chooses. Dask's own
         # memory manager measures the whole process (interpreter and libraries
         # included) and pauses a worker that is over: with a small budget that
@@ -73,8 +72,8 @@ def dask_client(scheduler: str | None = None, *, workers: int | None = None,
         # HTTP, by default on 0.0.0.0:8787 with a warning when that port is
         # taken (e.g. by a docker-compose scheduler): a free loopback port
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        # worker processes talk over loopback only; threads need no network
-        **({"host": "127.0.0.1"} if processes else {}),
+        # worker processes talk over loopback only
+        host="127.0.0.1",
     ) as cluster, Client(cluster) as client:
         yield client
 

@@ -304,14 +304,8 @@ class _RunningMin:
         return piece
 
 
-def _post(shift, clip):
-    def apply(piece):
-        if shift is not None:
-            piece += shift
-        if clip:
-            np.maximum(piece, 0.0, out=piece)
-        return piece
-    return apply
+def _clip_negatives(piece):
+    return np.maximum(piece, 0.0, out=piece)
 
 
 def _predict_min_chunk(block, fitted: FittedModels, radius):
@@ -329,7 +323,7 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=N
     # the shift rides along with the intercept; the cast happens as values
     # are stored
     return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
-                         offset=shift, transform=_post(None, clip) if clip else None,
+                         offset=shift, transform=_clip_negatives if clip else None,
                          out=out)
 
 
@@ -399,10 +393,10 @@ def _predict_into_chunk(block, fitted: FittedModels, radius, clip, target, start
     region = tuple(slice(int(starts[a][loc[a]]), int(starts[a][loc[a]]) + inner[a])
                    for a in range(3))
     running = _RunningMin(block.shape[-1])
-    post = _post(None, clip)
+    transform = (lambda piece: _clip_negatives(running(piece))) if clip else running
     # a view into the caller's array: each chunk writes its own disjoint region
     predict_block(block, radius, fitted.plan, out=target[region], dtype=fitted.calc_dtype,
-                  transform=lambda piece: post(running(piece)))
+                  transform=transform)
     return running.value.reshape(1, 1, 1, -1)
 
 

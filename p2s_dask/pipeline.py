@@ -45,7 +45,7 @@ from .io import mark_complete, open_dwi_array
 from .io.budget import parse_memory_limit
 from .io.malloc import reuse_freed_memory
 from .io.nifti_direct import (block_buffer, create_nifti, finish_writes, is_plain_nifti,
-                               open_nifti, read_meta, submit_block)
+                               open_nifti, submit_block)
 from .io.urls import exists, is_local, join, local_path, remove
 from .io.zarr_store import create_dwi_store
 from .memory import PeakMemory
@@ -312,7 +312,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         raise InputError(f"{out} exists (an unfinished store not made by this run); "
                          "pass --overwrite to replace it")
     # everything that can be wrong with the input is checked before any work
-    shape, stored = _probe(inp, in_kind, storage_options)
+    shape, stored, header = _probe(inp, in_kind, storage_options)
     check_shape(shape)
     bvals, bvecs = _gradients(inp, in_kind, bvals, bvecs, storage_options)
     if bvals is None and stored is not None:
@@ -361,10 +361,10 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
         if in_kind == "nifti" and local_cluster and is_plain_nifti(inp):
             # random access: read the .nii in place, no conversion
             src = None
-            raw = read_meta(inp)
-            direct_chunks = _engine_chunks(shape, budget, n_threads, options.chunks,
-                                           itemsize=8 if raw.scaled else raw.raw_dtype.itemsize)
-            values, meta = open_nifti(inp, direct_chunks)
+            direct_chunks = _engine_chunks(
+                shape, budget, n_threads, options.chunks,
+                itemsize=8 if header.scaled else header.raw_dtype.itemsize)
+            values, meta = open_nifti(inp, direct_chunks, meta=header)
             # every task allocates a block and its prediction of the same size:
             # let the allocator hand freed ones back instead of fresh pages
             reuse_freed_memory(int(np.prod(direct_chunks)) * shape[3] * 8)
@@ -472,15 +472,16 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: DenoiseOptions | 
 
 
 def _probe(url, kind, storage_options):
-    """Shape of the input from its header, and the stored meta of a Zarr input."""
+    """Shape of the input from its header, the stored meta of a Zarr input
+    and the header meta of a NIfTI input (read once, used again later)."""
     if kind == "zarr":
         from .io import open_dwi_array
         array, meta = open_dwi_array(url, storage_options)
-        return tuple(array.shape), meta
+        return tuple(array.shape), meta, None
     from .io.nifti_stream import NiftiReader
     reader = NiftiReader(url, storage_options=storage_options)
     try:
-        return tuple(reader.meta.shape), None
+        return tuple(reader.meta.shape), None, reader.meta
     finally:
         reader.close()
 

@@ -49,26 +49,15 @@ def finalize(values: np.ndarray, shift: np.ndarray | None, clip: bool,
     return cast(values, dtype)
 
 
-def cast(values: np.ndarray, dtype, inplace: bool = False) -> np.ndarray:
-    """Cast floats to ``dtype``: rounding and range clipping for integers.
-
-    With ``inplace=True`` the rounding and clipping are done in ``values``
-    and the float array is returned, ready to be assigned into an array of
-    ``dtype`` (which then converts exactly, without another temporary).
-    """
+def cast(values: np.ndarray, dtype) -> np.ndarray:
+    """Cast floats to ``dtype``: rounding and range clipping for integers
+    (never truncated or wrapped; see :func:`cast_into`)."""
     dtype = np.dtype(dtype)
-    if np.issubdtype(dtype, np.integer):
-        lo, hi = _int_bounds(values.dtype, dtype)
-        if inplace:
-            np.rint(values, out=values)
-            np.clip(values, lo, hi, out=values)
-            return values
-        values = np.clip(np.rint(values), lo, hi)
-    elif dtype == np.bool_:
-        return values >= 0.5
-    elif inplace:
-        return values
-    return values.astype(dtype, copy=False)
+    if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_):
+        return values.astype(dtype, copy=False)
+    target = np.empty(values.shape, dtype)
+    cast_into(np.array(values, dtype=np.result_type(values.dtype, np.float16)), target)
+    return target
 
 
 def cast_into(values: np.ndarray, target: np.ndarray) -> None:

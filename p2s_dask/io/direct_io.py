@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import functools
 import os
-import sys
 
 import numpy as np
+
+from . import libc
 
 # the largest logical block size in common use; a multiple of the others
 ALIGN = 4096
@@ -110,8 +110,8 @@ def start_writeback(fd: int) -> None:
     all written at the final ``fsync``, one small write each, while the run
     waits; started as they come, they are written while it computes.
     """
-    fn = _libc_function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                            ctypes.c_uint))
+    fn = libc.function("sync_file_range", (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                           ctypes.c_uint))
     if fn is not None:
         fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
@@ -120,37 +120,23 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 
 def _libc_fallocate():
-    return _libc_function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64,
-                                        ctypes.c_int64))
-
-
-@functools.lru_cache(maxsize=None)
-def _libc_function(name, argtypes):
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = list(argtypes)
-    fn.restype = ctypes.c_int
-    return fn
+    return libc.function("fallocate", (ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                                       ctypes.c_int64))
 
 
 class RunWriter:
-    """Writes byte runs at given offsets of one file.
+    """Writes byte runs at given offsets of one file, ``O_DIRECT`` for the
+    aligned middle of each run where the file system allows.
 
     Parameters
     ----------
     path : str
         An existing file, opened for writing (not truncated).
-    direct : bool
-        Use ``O_DIRECT`` for the aligned middle of runs.
     """
 
-    def __init__(self, path, direct: bool = True):
+    def __init__(self, path):
         self.fd = os.open(path, os.O_WRONLY)
-        self.direct_fd = open_direct(path) if direct else None
+        self.direct_fd = open_direct(path)
         # cleared (never reopened) if the kernel refuses a direct write;
         # the descriptor itself stays open until close(): other threads may
         # be using it

@@ -12,9 +12,9 @@ allocations.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
-import sys
+
+from . import libc
 
 __all__ = ["return_freed_memory", "reuse_freed_memory"]
 
@@ -23,16 +23,9 @@ _M_MMAP_THRESHOLD = -3
 _TRIM_THRESHOLD = 64 << 10
 
 
-@functools.lru_cache(maxsize=None)
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - glibc only
-    except (OSError, AttributeError):
-        return None
-    return libc
+def _mallopt(param: int, value: int) -> bool:
+    fn = libc.function("mallopt", (ctypes.c_int, ctypes.c_int))
+    return bool(fn is not None and fn(param, value))
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,8 +37,7 @@ def return_freed_memory() -> bool:
     bool
         Whether the setting could be applied (False on non-glibc systems).
     """
-    libc = _libc()
-    return bool(libc is not None and libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return _mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
 def reuse_freed_memory(largest: int) -> bool:
@@ -59,16 +51,13 @@ def reuse_freed_memory(largest: int) -> bool:
     freed blocks for the next ones; the process stays at its high-water
     mark, which the memory budget bounds anyway.
     """
-    libc = _libc()
-    if libc is None:
-        return False
     size = int(max(largest, 1 << 20)) * 2
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, min(size, 1 << 30))
-                and libc.mallopt(_M_TRIM_THRESHOLD, min(4 * size, (1 << 31) - 1)))
+    return (_mallopt(_M_MMAP_THRESHOLD, min(size, 1 << 30))
+            and _mallopt(_M_TRIM_THRESHOLD, min(4 * size, (1 << 31) - 1)))
 
 
 def trim() -> None:
     """Give free heap memory back to the OS now (no-op outside glibc)."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    fn = libc.function("malloc_trim", (ctypes.c_size_t,))
+    if fn is not None:
+        fn(0)

@@ -153,7 +153,7 @@ def read_meta(url) -> DwiMeta:
         reader.close()
 
 
-def open_nifti(url, chunks) -> tuple[da.Array, DwiMeta]:
+def open_nifti(url, chunks, meta: DwiMeta | None = None) -> tuple[da.Array, DwiMeta]:
     """A lazy dask array of the values of a local ``.nii``, and its meta.
 
     Parameters
@@ -162,6 +162,8 @@ def open_nifti(url, chunks) -> tuple[da.Array, DwiMeta]:
         Local uncompressed ``.nii``.
     chunks : tuple of 3 ints
         Spatial chunk shape; every block holds all volumes.
+    meta : DwiMeta, optional
+        The file's header meta when the caller has read it already.
 
     Returns
     -------
@@ -171,7 +173,8 @@ def open_nifti(url, chunks) -> tuple[da.Array, DwiMeta]:
     meta : DwiMeta
     """
     path = local_path(url)
-    meta = read_meta(url)
+    if meta is None:
+        meta = read_meta(url)
     shape = tuple(meta.shape)
     spec = tuple(chunks)[:3] + (shape[3],)
     raw = da.map_blocks(
@@ -221,12 +224,12 @@ def block_buffer(meta: DwiMeta, region, dtype) -> np.ndarray | None:
     return aligned_block(shape, dtype, [offset for offset, _ in runs])
 
 
-def write_block(path, meta: DwiMeta, region, values, writer: RunWriter | None = None) -> None:
+def write_block(path, meta: DwiMeta, region, values, writer: RunWriter) -> None:
     """Write one block of values into a file made by :func:`create_nifti`.
 
-    With a ``writer`` (a :class:`RunWriter` of ``path``) each volume's run
-    goes straight to the disk where aligned, else through the page cache.
-    Either way the data survives a killed process once this returns;
+    ``writer`` (a :class:`RunWriter` of ``path``) sends each volume's run
+    straight to the disk where aligned, else through the page cache. Either
+    way the data survives a killed process once this returns;
     :func:`finish_writes` makes the whole file durable.
     """
     values = np.asarray(values)
@@ -239,15 +242,8 @@ def write_block(path, meta: DwiMeta, region, values, writer: RunWriter | None = 
         target[...] = values
         del target
         return
-    own = writer is None
-    if own:
-        writer = RunWriter(path, direct=False)
-    try:
-        for k, (offset, nbytes) in enumerate(runs):
-            writer.write(columns[:, k], offset)
-    finally:
-        if own:
-            writer.close(sync=False)
+    for k, (offset, _) in enumerate(runs):
+        writer.write(columns[:, k], offset)
 
 
 class BlockWriter:
