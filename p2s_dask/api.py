@@ -9,7 +9,7 @@ import time
 import dask.array as da
 import numpy as np
 
-from . import engine
+from . import engine, inmemory
 from .core.postprocess import resolve_postprocess
 from .errors import InputError
 from .groups import make_groups
@@ -103,25 +103,21 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
                 f"mask has shape {tuple(mask.shape)} but the data's spatial shape "
                 f"is {shape[:3]}")
     lazy = isinstance(data, da.Array)
-    if not lazy:
-        data = np.asarray(data)
-        check_finite(data)
-    arr = engine.as_chunked(data, chunks, radius)
     options = dict(model=model, alpha=alpha, mask=mask, shift_intensity=shift,
                    clip_negative_vals=clip, calc_dtype=calc_dtype)
     if lazy:
+        arr = engine.as_chunked(data, chunks, radius)
         return engine.denoise(arr, group_list, radius, out_dtype=out_dtype, **options)
 
+    data = np.asarray(data)
+    check_finite(data)
     out = np.empty(shape, dtype=out_dtype)
     start = time.perf_counter()
+    # tasks return their values and this process writes them into `out`: a
+    # task may run in a worker process, which cannot reach `out`
     with _progress(verbose), single_threaded_blas():
-        if np.issubdtype(out.dtype, np.floating):
-            engine.denoise_into(arr, out, group_list, radius, check_finite=False,
-                                **options)
-        else:
-            result = engine.denoise(arr, group_list, radius, out_dtype=out_dtype,
-                                    **options)
-            da.store(result, out, lock=False)
+        inmemory.denoise_into(data, out, group_list, radius, chunks=chunks,
+                            check_finite=False, **options)
     if verbose:
         elapsed = time.perf_counter() - start
         logger.info("Patch2Self denoised %s in %.2f s", shape, elapsed)

@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import warnings
 
 from .errors import InputError
 
-DEFAULT_MEMORY = "2GiB"
+def _ints(text, flag):
+    try:
+        return [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} takes integers; got {text!r}") from None
 
 
 def _chunks(text):
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    parts = _ints(text, "--chunks")
     if len(parts) != 3 or min(parts) < 1:
         raise argparse.ArgumentTypeError("--chunks takes three positive ints, e.g. 64,64,16")
     return tuple(parts)
 
 
 def _radius(text):
-    parts = [int(p) for p in text.split(",")]
+    parts = _ints(text, "--patch-radius")
     if len(parts) not in (1, 3):
         raise argparse.ArgumentTypeError("--patch-radius takes 1 or 3 ints, e.g. 1 or 1,1,0")
     return parts[0] if len(parts) == 1 else tuple(parts)
@@ -45,21 +50,49 @@ def _bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _common(p):
-    p.add_argument("--memory-limit", default=DEFAULT_MEMORY,
-                   help="memory budget for the whole run (default %(default)s)")
-    p.add_argument("--storage-options", type=_storage, default=None, metavar="JSON",
-                   help='fsspec options for s3:// or gs:// URLs, e.g. '
-                        '\'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'')
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUT (never done otherwise)")
-    p.add_argument("--tmp-dir", default=None,
-                   help="where intermediate Zarr stores go (default: next to OUT)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+# how each option's text becomes a value (default: the text itself)
+_PARSERS = {
+    "patch_radius": _radius, "alpha": float, "b0_threshold": float, "version": int,
+    "b0_denoising": _bool, "clip_negative_vals": _bool, "shift_intensity": _bool,
+    "chunks": _chunks, "storage_options": _storage, "workers": int, "threads": int,
+}
+# options of both subcommands (the rest are denoise's)
+_COMMON = ("memory_limit", "storage_options", "overwrite", "tmp_dir")
+
+
+def _add_option(p, f):
+    """One argument of the parser from one field of :class:`Options`."""
+    meta = f.metadata
+    kwargs = {"default": f.default, "help": meta["help"], "dest": f.name}
+    if f.type in ("bool", bool) and meta["metavar"] is None:
+        kwargs["action"] = "store_true"
+    else:
+        kwargs["type"] = _PARSERS.get(f.name, str)
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        if meta["choices"]:
+            kwargs["choices"] = meta["choices"]
+    p.add_argument(meta["flag"], **kwargs)
+
+
+def _options_args(p, names=None):
+    from .options import option_fields
+    for f in option_fields(cli=True):
+        if names is None or f.name in names:
+            _add_option(p, f)
+    p.add_argument("--quiet", action="store_true", help="no progress")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``p2s-dask: error: ...``, exit code 2)."""
+
+    def error(self, message):
+        raise InputError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The ``p2s-dask`` parser; denoise's options come from :class:`Options`."""
+    parser = _Parser(
         prog="p2s-dask",
         description="Exact, out-of-core Patch2Self denoising of diffusion MRI.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("output", metavar="OUT")
     conv.add_argument("--bvals", default=None)
     conv.add_argument("--bvecs", default=None)
-    conv.add_argument("--chunks", type=_chunks, default=None, metavar="X,Y,Z")
-    _common(conv)
+    _options_args(conv, _COMMON + ("chunks",))
 
     den = sub.add_parser("denoise", help="denoise IN into OUT (each NIfTI or Zarr)")
     den.add_argument("input", metavar="IN")
@@ -78,30 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--bvals", default=None,
                      help="FSL bvals (default: stored in a Zarr IN, or IN's .bval sibling)")
     den.add_argument("--bvecs", default=None)
-    den.add_argument("--mask", default=None, help="NIfTI mask: fit on these voxels only")
-    den.add_argument("--patch-radius", type=_radius, default=0, metavar="R")
-    den.add_argument("--model", default="ols", help="ols, ridge or lasso (default ols)")
-    den.add_argument("--alpha", type=float, default=1.0)
-    den.add_argument("--b0-threshold", type=float, default=50)
-    den.add_argument("--b0-denoising", type=_bool, default=True, metavar="BOOL")
-    den.add_argument("--clip-negative-vals", type=_bool, default=False, metavar="BOOL")
-    den.add_argument("--shift-intensity", type=_bool, default=True, metavar="BOOL")
-    den.add_argument("--out-dtype", default=None,
-                     help="output dtype (default: the input's; float32 for scaled input)")
-    den.add_argument("--version", type=int, default=3, choices=(1, 3))
-    den.add_argument("--precision", default="auto", choices=("auto", "float32", "float64"),
-                     help="arithmetic of the prediction (default auto: float32 when the "
-                          "input and output fit it exactly, as DIPY; statistics are float64)")
-    den.add_argument("--chunks", type=_chunks, default=None, metavar="X,Y,Z",
-                     help="spatial chunk shape (default: from the memory budget)")
-    den.add_argument("--workers", type=int, default=None,
-                     help="local worker processes (default 1, threads in this process)")
-    den.add_argument("--threads", type=int, default=None, help="threads per worker")
     den.add_argument("--report-json", default=None, metavar="FILE",
                      help="also write the run's timings and peak memory as JSON")
-    den.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                     help="use an existing Dask scheduler (or $P2S_DASK_SCHEDULER)")
-    _common(den)
+    _options_args(den)
 
     demo = sub.add_parser("demo", help="denoise the bundled example data")
     demo.add_argument("--out-dir", default="p2s_demo",
@@ -128,17 +139,14 @@ def _convert(args):
 
 
 def _denoise(args):
-    from .pipeline import DenoiseOptions, denoise_file
-    options = DenoiseOptions(
-        patch_radius=args.patch_radius, model=args.model, b0_threshold=args.b0_threshold,
-        out_dtype=args.out_dtype, alpha=args.alpha, b0_denoising=args.b0_denoising,
-        clip_negative_vals=args.clip_negative_vals, shift_intensity=args.shift_intensity,
-        version=args.version, mask=args.mask, chunks=args.chunks, precision=args.precision)
-    report = denoise_file(
-        args.input, args.output, bvals=args.bvals, bvecs=args.bvecs, options=options,
-        memory_limit=args.memory_limit, workers=args.workers, threads=args.threads,
-        scheduler=args.scheduler, overwrite=args.overwrite, tmp_dir=args.tmp_dir,
-        storage_options=args.storage_options, progress=not args.quiet)
+    from .options import Options, option_fields
+    from .pipeline import denoise_file
+    values = {f.name: getattr(args, f.name) for f in option_fields(cli=True)}
+    options = Options(**values, progress=not args.quiet)
+    report = denoise_file(args.input, args.output, bvals=args.bvals, bvecs=args.bvecs,
+                          options=options)
+    if report.started_over:
+        print(f"p2s-dask: starting over: {report.started_over}", file=sys.stderr)
     if report.resumed:
         print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
     print(report.summary_line())
@@ -156,16 +164,33 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"p2s-dask: warning: {message}\n"
 
 
+def _in_cli_words(exc: InputError) -> str:
+    from .errors import OutputExistsError
+    if isinstance(exc, OutputExistsError):
+        return f"{exc}; use --overwrite to replace it"
+    return str(exc)
+
+
 def main(argv=None) -> int:
     """Entry point of the ``p2s-dask`` console script."""
     # users of the command want the warning, not the line of our code
     warnings.formatwarning = _one_line_warning
-    args = build_parser().parse_args(argv)
-    handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo}
+    # a failed storage request can leave background tasks of the storage
+    # library failing too: the run reports the failure in one line, and
+    # asyncio's "exception was never retrieved" would add a traceback
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     try:
-        handlers[args.command](args)
+        args = build_parser().parse_args(argv)
     except InputError as exc:
-        print(f"p2s-dask: error: {exc}", file=sys.stderr)
+        print(f"p2s-dask: error: {exc} (see p2s-dask --help)", file=sys.stderr)
+        return 2
+    handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo}
+    from .options import front
+    try:
+        with front("cli"):
+            handlers[args.command](args)
+    except InputError as exc:
+        print(f"p2s-dask: error: {_in_cli_words(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("p2s-dask: interrupted; rerun the same command to resume", file=sys.stderr)

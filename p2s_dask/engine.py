@@ -31,14 +31,12 @@ from .core.layout import rows_order, voxel_rows
 from .core.postprocess import intensity_shift
 from .core.predict import combine
 from .core.predict import prediction_minima as block_prediction_minima
+from .chunking import chunk_policy
 from .errors import InputError
 from .groups import Group
+from .threads import OneBlasThread
 from .validate import describe_nonfinite
 
-# float64 bytes of one block: big enough for efficient GEMMs and few tasks,
-# small enough that a block per thread and its prediction fit in cache-friendly
-# pieces and in any memory budget worth having
-DEFAULT_CHUNK_BYTES = 48 * 2**20
 TREE_FAN_IN = 8
 
 
@@ -52,21 +50,18 @@ class Summary:
     first_nonfinite: tuple | None = None
 
 
-def auto_chunks(shape, radius=(0, 0, 0), target_bytes=DEFAULT_CHUNK_BYTES, itemsize=8):
-    """Spatial chunks holding all volumes, about ``target_bytes`` of ``itemsize``.
+# the working budget of an in-memory call: the data and the output are in
+# memory already, so what the call adds stays a fraction of them
+API_MEMORY_LIMIT = 512 << 20
 
-    Splits z first, then y, then x, keeping chunks at least as thick as the
-    patch radius so that each halo comes from the next chunk only.
-    """
-    nx, ny, nz, n = (int(s) for s in shape)
-    budget = max(1, target_bytes // (n * itemsize))
-    sizes = [nx, ny, nz]
-    for axis in (2, 1, 0):
-        if int(np.prod(sizes)) <= budget:
-            break
-        rest = int(np.prod(sizes)) // sizes[axis]
-        sizes[axis] = min(sizes[axis], max(1, radius[axis], budget // rest))
-    return (sizes[0], sizes[1], sizes[2], n)
+
+def auto_chunks(shape, radius=(0, 0, 0), itemsize=8, memory_limit=API_MEMORY_LIMIT,
+                threads=None):
+    """Chunks ``(cx, cy, cz, n)`` of the chunk policy for an in-memory run
+    (a thread per usable core)."""
+    from dask.system import CPU_COUNT
+    spatial = chunk_policy(shape, itemsize, memory_limit, threads or CPU_COUNT, radius)
+    return (*spatial, int(shape[3]))
 
 
 def _from_numpy(x: np.ndarray, chunks) -> da.Array:
@@ -147,6 +142,13 @@ def _volume_minima(block) -> np.ndarray:
 
 
 def _summarize_block(block, mask, groups, radius, origin, check_finite) -> Summary:
+    # one BLAS thread wherever the task runs: the thread count may change the
+    # order of float sums, and a run must give the same bits on any executor
+    with OneBlasThread():
+        return _block_summary(block, mask, groups, radius, origin, check_finite)
+
+
+def _block_summary(block, mask, groups, radius, origin, check_finite) -> Summary:
     inner = _interior(block, radius)
     n = block.shape[-1]
     summary = Summary(stats=[], minima=_volume_minima(inner))
@@ -309,7 +311,8 @@ def _clip_negatives(piece):
 
 
 def _predict_min_chunk(block, fitted: FittedModels, radius):
-    lowest = block_prediction_minima(block, radius, fitted.plan, dtype=fitted.calc_dtype)
+    with OneBlasThread():
+        lowest = block_prediction_minima(block, radius, fitted.plan, dtype=fitted.calc_dtype)
     return lowest.reshape(1, 1, 1, -1)
 
 
@@ -322,9 +325,10 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=N
                        dtype=dtype, order=rows_order(block))
     # the shift rides along with the intercept; the cast happens as values
     # are stored
-    return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
-                         offset=shift, transform=_clip_negatives if clip else None,
-                         out=out)
+    with OneBlasThread():
+        return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
+                             offset=shift, transform=_clip_negatives if clip else None,
+                             out=out)
 
 
 def _one_key(obj):
@@ -384,45 +388,3 @@ def denoise(arr: da.Array, groups: list[Group], radius, *, model="ols", alpha=1.
         after = shift
     return predict(bind(arr, after), fitted, radius, shift, clip_negative_vals,
                    out_dtype)
-
-
-def _predict_into_chunk(block, fitted: FittedModels, radius, clip, target, starts,
-                        block_info=None):
-    loc = block_info[None]["chunk-location"]
-    inner = _interior(block, radius).shape
-    region = tuple(slice(int(starts[a][loc[a]]), int(starts[a][loc[a]]) + inner[a])
-                   for a in range(3))
-    running = _RunningMin(block.shape[-1])
-    transform = (lambda piece: _clip_negatives(running(piece))) if clip else running
-    # a view into the caller's array: each chunk writes its own disjoint region
-    predict_block(block, radius, fitted.plan, out=target[region], dtype=fitted.calc_dtype,
-                  transform=transform)
-    return running.value.reshape(1, 1, 1, -1)
-
-
-def denoise_into(arr: da.Array, target: np.ndarray, groups: list[Group], radius, *,
-                 model="ols", alpha=1.0, mask=None, shift_intensity=True,
-                 clip_negative_vals=False, check_finite=True, compute_kwargs=None,
-                 calc_dtype=np.float64):
-    """The method in two passes for a floating-point in-memory ``target``.
-
-    The prediction is written unshifted while its per-volume minima are
-    gathered, then the shift is added in place: one prediction pass instead of
-    two, at the price of one extra rounding in float32 outputs.
-    """
-    compute_kwargs = compute_kwargs or {"scheduler": "threads"}
-    if not np.issubdtype(target.dtype, np.floating):
-        raise TypeError("denoise_into needs a floating-point target")
-    summary = summarize(arr, groups, radius, mask, check_finite).compute(**compute_kwargs)
-    fitted = fit_models(summary, groups, radius, model, alpha, calc_dtype)
-    halo = with_halo(arr, radius)
-    n = arr.shape[3]
-    chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((n,),)
-    mins = da.map_blocks(_predict_into_chunk, halo, fitted, radius,
-                         clip_negative_vals, target, chunk_origins(arr.chunks),
-                         dtype=np.float64, chunks=chunks,
-                         meta=np.empty((0, 0, 0, 0)))
-    pred_min = mins.min(axis=(0, 1, 2)).compute(**compute_kwargs)
-    if shift_intensity:
-        target += intensity_shift(fitted.minima, pred_min).astype(target.dtype)
-    return target

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 
 @contextlib.contextmanager
@@ -17,3 +18,37 @@ def single_threaded_blas():
     """
     with threadpool_limits(limits=1, user_api="blas"):
         yield
+
+
+class OneBlasThread:
+    """Single-threaded BLAS while any task of this process holds it.
+
+    Counted, so concurrent tasks share one limit and the original setting
+    comes back when the last one ends (a plain ``threadpool_limits`` per task
+    would restore the old count while another task is still computing). The
+    controller is found once per process: each use then costs microseconds.
+    """
+
+    _lock = threading.Lock()
+    _users = 0
+    _limiter = None
+    _controller = None
+
+    def __enter__(self):
+        cls = type(self)
+        with cls._lock:
+            if cls._users == 0:
+                if cls._controller is None:
+                    cls._controller = ThreadpoolController()
+                cls._limiter = cls._controller.limit(limits=1, user_api="blas")
+            cls._users += 1
+        return self
+
+    def __exit__(self, *exc):
+        cls = type(self)
+        with cls._lock:
+            cls._users -= 1
+            if cls._users == 0:
+                cls._limiter.restore_original_limits()
+                cls._limiter = None
+        return False

@@ -10,6 +10,7 @@ import numpy as np
 from .core.patches import normalize_radius
 from .core.solve import MODELS
 from .errors import InputError
+from .options import spell, spell_value
 
 
 def check_shape(shape) -> None:
@@ -28,10 +29,13 @@ def check_bvals(bvals, n_volumes: int) -> np.ndarray:
     arr = np.asarray(bvals, dtype=np.float64).ravel()
     if arr.size != n_volumes:
         raise InputError(
-            f"bvals has {arr.size} values but the data has {n_volumes} volumes"
+            f"{spell('bvals')} has {arr.size} values but the data has {n_volumes} volumes"
         )
     if not np.all(np.isfinite(arr)):
-        raise InputError("bvals contains NaN or Inf")
+        raise InputError(f"{spell('bvals')} contains NaN or Inf")
+    if np.any(arr < 0):
+        first = int(np.flatnonzero(arr < 0)[0])
+        raise InputError(f"{spell('bvals')} must be >= 0; value {arr[first]:g} at index {first}")
     if n_volumes < 10:
         warnings.warn(
             f"the data has {n_volumes} volumes (fewer than 10): Patch2Self "
@@ -45,30 +49,30 @@ def check_options(*, patch_radius, model, alpha, version, out_dtype):
     radius = normalize_radius_or_raise(patch_radius)
     if not isinstance(model, str):
         raise InputError(
-            "model must be one of 'ols', 'ridge', 'lasso' (p2s_dask solves from "
+            f"{spell('model')} must be one of 'ols', 'ridge', 'lasso' (p2s_dask solves from "
             f"sufficient statistics and cannot use estimator objects); got {model!r}"
         )
     model = model.lower()
     if model not in MODELS:
         raise InputError(
-            f"unknown model {model!r}: use one of 'ols', 'ridge', 'lasso'"
+            f"unknown {spell('model')} {model!r}: use one of 'ols', 'ridge', 'lasso'"
         )
     if not isinstance(alpha, numbers.Real) or not np.isfinite(alpha) or alpha < 0:
-        raise InputError(f"alpha must be a finite number >= 0; got {alpha!r}")
+        raise InputError(f"{spell('alpha')} must be a finite number >= 0; got {alpha!r}")
     if version not in (1, 3):
-        raise InputError(f"version must be 1 or 3; got {version!r}")
+        raise InputError(f"{spell('version')} must be 1 or 3; got {version!r}")
     if version == 3 and any(radius):
         raise InputError(
-            "version=3 works with patch_radius=0 only (as in DIPY); use version=1 "
-            "for larger patches"
+            f"{spell_value('version', 3)} works with {spell_value('patch_radius', 0)} only "
+            f"(as in DIPY); use {spell_value('version', 1)} for larger patches"
         )
     if out_dtype is not None:
         try:
             out_dtype = np.dtype(out_dtype)
         except TypeError as exc:
-            raise InputError(f"out_dtype {out_dtype!r} is not a NumPy dtype") from exc
+            raise InputError(f"{spell('out_dtype')} {out_dtype!r} is not a NumPy dtype") from exc
         if not (np.issubdtype(out_dtype, np.number) or out_dtype == np.bool_):
-            raise InputError(f"out_dtype must be numeric; got {out_dtype}")
+            raise InputError(f"{spell('out_dtype')} must be numeric; got {out_dtype}")
     return radius, model, out_dtype
 
 
@@ -87,7 +91,7 @@ def check_precision(precision, data_dtype, out_dtype) -> np.dtype:
     name = "auto" if precision is None else str(np.dtype(precision)) \
         if not isinstance(precision, str) else precision.lower()
     if name not in PRECISIONS:
-        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}; "
+        raise InputError(f"{spell('precision')} must be one of {', '.join(PRECISIONS)}; "
                          f"got {precision!r}")
     if name != "auto":
         return np.dtype(name)
@@ -103,7 +107,7 @@ def normalize_radius_or_raise(patch_radius):
     try:
         return normalize_radius(patch_radius)
     except (ValueError, TypeError) as exc:
-        raise InputError(str(exc)) from None
+        raise InputError(str(exc).replace("patch_radius", spell("patch_radius"))) from None
 
 
 def describe_nonfinite(count: int, first) -> str:

@@ -61,7 +61,8 @@ class Cluster:
         Environment of the workers (and the scheduler).
     """
 
-    def __init__(self, folder, n_workers=2, env=None):
+    def __init__(self, folder, n_workers=2, env=None, worker_args=()):
+        self.worker_args = list(worker_args)
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.env = env or _clean_env()
@@ -109,7 +110,7 @@ class Cluster:
              "--host", "127.0.0.1", "--no-dashboard", "--name", f"w{i}",
              "--local-directory", str(self.folder / f"w{i}"),
              # workers whose scheduler is gone exit instead of lingering
-             "--death-timeout", "30"], f"worker{i}.log"))
+             "--death-timeout", "30", *self.worker_args], f"worker{i}.log"))
 
     def client(self):
         from distributed import Client
@@ -286,3 +287,44 @@ def test_losing_a_worker_mid_run(cluster, small_dwi, tmp_path):
     assert "Traceback" not in stderr
     worker_log = (cluster.folder / f"worker{victim}.log").read_text(errors="replace")
     assert "End worker" not in worker_log  # it was killed, not stopped politely
+
+
+def test_chunks_follow_each_workers_memory_limit(tmp_path):
+    """Two clusters whose workers report 256 MiB and 1 GiB: two chunk sizes,
+    each the chunk policy's for that worker, and each run equal to a local
+    run on the same chunks."""
+    from p2s_dask.chunking import chunk_policy
+    rng = np.random.default_rng(3)
+    shape, n = (96, 96, 60), 40
+    bvals = np.array([0, 0] + [1000] * (n - 2), float)
+    data = (800 * rng.random(shape)[..., None] + rng.normal(0, 30, shape + (n,)))
+    path = tmp_path / "dwi.nii"
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(path))
+    np.savetxt(tmp_path / "dwi.bval", bvals[None], fmt="%g")
+    # the limits are reported, not enforced: Dask's memory manager would
+    # pause workers whose interpreter alone is near them
+    env = _clean_env(DASK_DISTRIBUTED__WORKER__MEMORY__TARGET="False",
+                     DASK_DISTRIBUTED__WORKER__MEMORY__SPILL="False",
+                     DASK_DISTRIBUTED__WORKER__MEMORY__PAUSE="False",
+                     DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE="False")
+    seen = {}
+    for limit in (256 << 20, 1 << 30):
+        c = Cluster(tmp_path / f"c{limit}", env=env, worker_args=["--memory-limit", str(limit)])
+        try:
+            out, report = tmp_path / f"den{limit}.nii", tmp_path / f"r{limit}.json"
+            assert main(["denoise", str(path), str(out), "--quiet", "--scheduler",
+                         c.address, "--report-json", str(report)]) == 0
+        finally:
+            c.stop()
+        plan = json.loads(report.read_text())["plan"]
+        assert plan["memory_per_worker"] == limit and plan["threads_per_worker"] == 1
+        # on a cluster the .nii is staged into a store: counted as float64
+        assert plan["input"] == "stage"
+        assert tuple(plan["chunks"]) == chunk_policy(shape + (n,), 8, limit, 1)
+        seen[limit] = tuple(plan["chunks"])
+        local = tmp_path / f"local{limit}.nii"
+        chunks = ",".join(map(str, plan["chunks"]))
+        assert main(["denoise", str(path), str(local), "--quiet", "--chunks", chunks]) == 0
+        np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj),
+                                      np.asanyarray(nib.load(str(local)).dataobj))
+    assert seen[256 << 20] != seen[1 << 30]

@@ -24,12 +24,9 @@ from dask.utils import format_bytes, parse_bytes
 
 from ..errors import InputError
 
-__all__ = ["DEFAULT_MEMORY_LIMIT", "TARGET_CHUNK_BYTES", "Plan", "plan", "parse_memory_limit"]
+__all__ = ["DEFAULT_MEMORY_LIMIT", "Plan", "plan", "parse_memory_limit"]
 
 DEFAULT_MEMORY_LIMIT = 2 << 30
-# a few tens of MB: large enough for efficient object-store requests and few
-# dask tasks, small enough that several fit in a worker's memory
-TARGET_CHUNK_BYTES = 32 << 20
 _MIN_MEMORY_LIMIT = 1 << 20
 
 
@@ -42,21 +39,6 @@ def parse_memory_limit(memory_limit) -> int:
     if value < _MIN_MEMORY_LIMIT:
         raise InputError(f"memory_limit must be at least 1 MiB; got {format_bytes(value)}")
     return value
-
-
-def _auto_spatial_chunks(shape, itemsize, target_bytes, max_z):
-    """Near-cubic spatial chunks of at most ``target_bytes`` with all volumes."""
-    chunks = list(shape[:3])
-    chunks[2] = min(chunks[2], max_z)
-    voxels = max(1, target_bytes // (shape[3] * itemsize))
-    while math.prod(chunks) > voxels:
-        # halving the longest side keeps chunks near-cubic (fewer halo voxels
-        # per chunk for patch-based work) and close to dividing the shape
-        axis = max(range(3), key=lambda a: chunks[a])
-        if chunks[axis] == 1:
-            break
-        chunks[axis] = -(-chunks[axis] // 2)
-    return tuple(chunks)
 
 
 def normalize_chunks(chunks, shape) -> tuple:
@@ -129,7 +111,7 @@ class Plan:
         return (*self.chunks, self.volumes_per_slab)
 
 
-def plan(shape, itemsize, memory_limit, chunks=None) -> Plan:
+def plan(shape, itemsize, memory_limit, chunks=None, chunk_itemsize=None) -> Plan:
     """Chunks, slab size and worker count that fit ``memory_limit``.
 
     Parameters
@@ -140,7 +122,12 @@ def plan(shape, itemsize, memory_limit, chunks=None) -> Plan:
     memory_limit : int
         Bytes.
     chunks : sequence of ints, optional
-        Spatial chunk shape; by default about 32 MiB (less for small limits).
+        Spatial chunk shape; by default the chunk policy's
+        (:func:`p2s_dask.chunking.chunk_policy`), which ``denoise`` uses too,
+        so a converted store is denoised without a rechunk.
+    chunk_itemsize : int, optional
+        Bytes per value the chunk policy counts (default ``itemsize``; 8 for
+        scaled data, which the denoising passes hold as float64).
 
     Returns
     -------
@@ -163,8 +150,11 @@ def plan(shape, itemsize, memory_limit, chunks=None) -> Plan:
                 f"{format_bytes(5 * plane)}"
             )
     if chunks is None:
-        target = min(TARGET_CHUNK_BYTES, memory_limit // 8)
-        chunks = _auto_spatial_chunks(shape, itemsize, target, max_z)
+        from dask.system import CPU_COUNT
+
+        from ..chunking import chunk_policy
+        chunks = chunk_policy(shape, chunk_itemsize or itemsize, memory_limit, CPU_COUNT)
+        chunks = (*chunks[:2], min(chunks[2], max_z))
     else:
         chunks = normalize_chunks(chunks, shape)
         if chunks[2] > max_z:

@@ -21,7 +21,7 @@ import threading
 import dask.array as da
 import numpy as np
 
-from ..errors import InputError
+from ..errors import DataError, InputError
 from ..core.layout import volume_columns
 from .direct_io import RunWriter, aligned_block, preallocate, start_writeback
 from .meta import DwiMeta
@@ -140,7 +140,7 @@ def _read_exactly(fd, buf, offset, path):
     while done < len(buf):
         got = os.preadv(fd, [buf[done:]], offset + done)
         if got == 0:
-            raise InputError(f"{path} is truncated (the data ends before the header's shape)")
+            raise DataError(f"{path} is truncated (the data ends before the header's shape)")
         done += got
 
 

@@ -23,7 +23,7 @@ import zlib
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import DataError, InputError, OutputExistsError
 from .gzip_writer import GzipWriter
 from .meta import DwiMeta, header_class
 from .urls import fs_and_path, is_local, local_path, user_errors
@@ -159,7 +159,7 @@ class NiftiReader:
     # -- reading -------------------------------------------------------------
 
     def _fail(self, what: str):
-        raise InputError(f"reading {self.url}: {what}")
+        raise DataError(f"reading {self.url}: {what}")
 
     def _readinto(self, view: memoryview) -> int:
         try:
@@ -297,7 +297,7 @@ class NiftiWriter:
         with user_errors(self.url, "writing"):
             self._fs.invalidate_cache(self._path)  # object-store listings are cached
             if self._fs.exists(self._path) and not self._overwrite:
-                raise InputError(f"{self.url} already exists; pass overwrite=True to replace it")
+                raise OutputExistsError(f"{self.url} already exists")
 
     def write(self, data) -> None:
         """Append bytes (any buffer, e.g. a contiguous ndarray)."""

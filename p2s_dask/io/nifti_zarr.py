@@ -10,7 +10,6 @@ at most twice is enough, the scratch file is skipped.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import posixpath
@@ -27,8 +26,16 @@ from .malloc import return_freed_memory, trim
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader, NiftiWriter
 from .scratch import BlockScratch, for_each_block
-from .urls import exists, is_local, kind_of, local_path, remove
-from .zarr_store import create_dwi_store, mark_complete, open_dwi_array, zarr_concurrency
+from .urls import exists, is_local, kind_of, local_path, user_errors
+from .zarr_store import (
+    OutputExistsError,
+    create_dwi_store,
+    discard,
+    mark_complete,
+    open_dwi_array,
+    write_region,
+    zarr_concurrency,
+)
 
 __all__ = ["nifti_to_zarr", "zarr_to_nifti"]
 
@@ -83,7 +90,8 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
         ``.nii`` or ``.nii.gz``, local or fsspec URL (e.g. ``s3://``).
     dst : str or os.PathLike
         The new ``.zarr`` store, local or fsspec URL. It is marked complete
-        only at the end, and removed if the conversion fails.
+        only at the end, once every chunk is verified to exist, and removed
+        if the conversion fails.
     chunks : sequence of 3 ints, optional
         Spatial chunk shape; each chunk holds all volumes. Default: near-cubic
         blocks of about 32 MiB (less for small ``memory_limit``).
@@ -98,7 +106,8 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
         fsspec options for every URL involved (credentials, endpoint, ...).
     tmp_dir : str, optional
         Local folder for the scratch file, which takes the uncompressed size
-        of the data; default the system's temporary folder.
+        of the data (created if missing); default the system's temporary
+        folder, which is also used for a ``tmp_dir`` that is not local.
     progress : bool, optional
         Show progress bars.
 
@@ -106,34 +115,44 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
     -------
     DwiMeta
         What was stored.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``dst`` exists and ``overwrite`` is false.
+    InputError
+        For bad input and for storage errors (one line: e.g. "writing
+        DST: No space left on device").
     """
     _check_kinds(src, "nifti", dst, "zarr")
     limit = parse_memory_limit(memory_limit)
     return_freed_memory()
     if not overwrite and exists(dst, storage_options):
-        raise InputError(f"{os.fspath(dst)} already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{os.fspath(dst)} already exists")
     with NiftiReader(src, storage_options) as reader:
         meta = reader.meta.with_gradients(*_gradient_table(src, bvals, bvecs, storage_options))
-        the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, chunks)
+        # the chunk policy counts values as denoising holds a store's blocks
+        # (float64), so denoise reads these chunks as they are
+        the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, chunks,
+                        chunk_itemsize=8)
         store = create_dwi_store(dst, meta.shape, meta.raw_dtype, the_plan.chunks, meta,
                                  overwrite=overwrite, storage_options=storage_options)
         try:
             total = reader.data_bytes
             if the_plan.single_slab:
                 with _bar(progress, total, f"read {_name(src)}") as bar:
-                    _nifti_into_store(reader, store, the_plan, bar)
+                    _nifti_into_store(reader, store, dst, the_plan, bar)
             else:
                 with BlockScratch(meta.shape, the_plan.chunks, meta.raw_dtype,
                                   tmp_dir) as scratch:
                     with _bar(progress, total, f"read {_name(src)}") as bar:
                         _nifti_into_scratch(reader, scratch, the_plan, bar)
                     with _bar(progress, total, f"write {_name(dst)}") as bar:
-                        _scratch_into_store(scratch, store, the_plan, bar)
+                        _scratch_into_store(scratch, store, dst, the_plan, bar)
             mark_complete(dst, storage_options)
         except BaseException:
             # the store is ours and unusable; nothing of the user's is lost
-            with contextlib.suppress(Exception):
-                remove(dst, storage_options)
+            discard(dst, storage_options)
             raise
         finally:
             trim()
@@ -152,12 +171,12 @@ def _nifti_slabs(reader, the_plan):
         yield (v0, z0), reader.read_slab((x, y, z1 - z0, v1 - v0))
 
 
-def _nifti_into_store(reader, store, the_plan, bar):
+def _nifti_into_store(reader, store, url, the_plan, bar):
     """All the data as one slab, straight into the store's chunks."""
 
     def write(item):
         _, slab = item
-        store[...] = to_c_order(slab, store.dtype)
+        write_region(store, ..., to_c_order(slab, store.dtype), url)
         bar.update(slab.nbytes)
 
     with zarr_concurrency(_concurrency(the_plan.slab_bytes, the_plan.chunk_bytes)):
@@ -177,25 +196,26 @@ def _nifti_into_scratch(reader, scratch, the_plan, bar):
     run_pipelined(_nifti_slabs(reader, the_plan), write)
 
 
-def _scratch_into_store(scratch, store, the_plan, bar):
+def _scratch_into_store(scratch, store, url, the_plan, bar):
     """Each block's volumes from the scratch file into its store chunk."""
     runs = _runs(the_plan)
 
     def copy(b, block):
         data = scratch.read_block(b, runs)
-        store[block] = data
+        write_region(store, block, data, url)
         return data.nbytes
 
     with zarr_concurrency(1):  # one chunk per block
         for_each_block(scratch.blocks, copy, workers=the_plan.workers, progress=bar)
 
 
-def _store_into_scratch(store, scratch, the_plan, bar):
+def _store_into_scratch(store, url, scratch, the_plan, bar):
     """Each store chunk into the scratch file's pieces."""
     runs = _runs(the_plan)
 
     def copy(b, block):
-        data = store[block]
+        with user_errors(url, "reading"):
+            data = store[block]
         scratch.write_block(b, data, runs)
         return data.nbytes
 
@@ -226,7 +246,9 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
         fsspec options for every URL involved.
     tmp_dir : str, optional
         Local folder for a scratch file (the uncompressed size of the data),
-        when one is needed; default the system's temporary folder.
+        when one is needed (created if missing); default the system's
+        temporary folder, which is also used for a ``tmp_dir`` that is not
+        local.
     progress : bool, optional
         Show progress bars.
     compresslevel : int, optional
@@ -236,7 +258,7 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
     limit = parse_memory_limit(memory_limit)
     return_freed_memory()
     if not overwrite and exists(dst, storage_options):
-        raise InputError(f"{os.fspath(dst)} already exists; pass overwrite=True to replace it")
+        raise OutputExistsError(f"{os.fspath(dst)} already exists")
     if is_local(dst) and not os.path.isdir(os.path.dirname(local_path(dst))):
         raise InputError(f"writing {os.fspath(dst)}: the folder does not exist")
     store, meta = open_dwi_array(src, storage_options)
@@ -248,20 +270,21 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
                      compresslevel=compresslevel) as writer:
         if passes <= _MAX_DIRECT_PASSES:
             with _bar(progress, total, f"write {_name(dst)}") as bar:
-                _slabs_into(_store_reader(store), writer, meta, the_plan, bar)
+                _slabs_into(_store_reader(store, src), writer, meta, the_plan, bar)
         else:
             with BlockScratch(meta.shape, the_plan.chunks, meta.raw_dtype, tmp_dir) as scratch:
                 with _bar(progress, total, f"read {_name(src)}") as bar:
-                    _store_into_scratch(store, scratch, the_plan, bar)
+                    _store_into_scratch(store, src, scratch, the_plan, bar)
                 with _bar(progress, total, f"write {_name(dst)}") as bar:
                     _slabs_into(scratch.read_slab, writer, meta, the_plan, bar)
         writer.commit()
     trim()
 
 
-def _store_reader(store):
+def _store_reader(store, url):
     def read(v0, v1, z0, z1):
-        return store[:, :, z0:z1, v0:v1]
+        with user_errors(url, "reading"):
+            return store[:, :, z0:z1, v0:v1]
     return read
 
 

@@ -13,11 +13,16 @@ Why a flat file and not a scratch Zarr array: no encoding or decoding, no
 per-chunk overhead (there can be thousands of small pieces under a small
 memory limit), and the pieces go through the page cache at memory speed.
 The price is disk space: the scratch file is as large as the uncompressed
-data.
+data. So it goes where the user says (``tmp_dir``), its blocks are reserved
+when it is created (a full disk shows up before any work, not after a long
+gunzip), errors while using it are one line, and it is deleted however the
+conversion ends.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import math
 import os
@@ -25,8 +30,37 @@ import tempfile
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import numpy as np
+from dask.utils import format_bytes
 
-__all__ = ["BlockScratch", "for_each_block", "spatial_blocks"]
+from ..errors import InputError
+from .direct_io import preallocate
+from .urls import is_local, local_path, user_errors
+
+__all__ = ["BlockScratch", "for_each_block", "scratch_folder", "spatial_blocks"]
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT)
+
+
+def scratch_folder(tmp_dir=None) -> str:
+    """The local folder for scratch files: ``tmp_dir``, created if missing.
+
+    Parameters
+    ----------
+    tmp_dir : str or os.PathLike, optional
+        A local path or ``file://`` URL. None, or a URL of another kind (the
+        work store may live in an object store; a scratch file must be a
+        local file), means the system's temporary folder.
+
+    Returns
+    -------
+    str
+    """
+    if tmp_dir is None or not is_local(tmp_dir):
+        return tempfile.gettempdir()
+    folder = local_path(tmp_dir)
+    with user_errors(folder, "creating the folder"):
+        os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def spatial_blocks(shape, chunks):
@@ -79,7 +113,14 @@ class BlockScratch:
         Spatial block shape (the store's chunks).
     dtype : numpy dtype
     tmp_dir : str, optional
-        Folder for the file; default the system's temporary folder.
+        Folder for the file (see :func:`scratch_folder`); default the
+        system's temporary folder.
+
+    Raises
+    ------
+    InputError
+        One line, if the file cannot be created or has no room (then it is
+        already deleted), and likewise from every method.
     """
 
     def __init__(self, shape, chunks, dtype, tmp_dir=None):
@@ -90,13 +131,34 @@ class BlockScratch:
         self._voxels = [math.prod(s.stop - s.start for s in b) for b in self.blocks]
         sizes = [v * n * self.dtype.itemsize for v in self._voxels]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        fd, self.path = tempfile.mkstemp(prefix="p2s-dask-", suffix=".scratch", dir=tmp_dir)
+        self.nbytes = int(self._offsets[-1])
+        self.folder = scratch_folder(tmp_dir)
+        self._fd = None
+        with user_errors(self.folder, "creating a scratch file in"):
+            fd, self.path = tempfile.mkstemp(prefix="p2s-dask-", suffix=".scratch",
+                                             dir=self.folder)
         self._fd = fd
         try:
-            # sparse until written; ENOSPC shows up at the first write that needs room
-            os.ftruncate(fd, int(self._offsets[-1]))
+            with self._errors("reserving"):
+                # where the file system cannot reserve blocks the file stays
+                # sparse, and a full disk shows up at the first write instead
+                preallocate(fd, 0, self.nbytes)
+                os.ftruncate(fd, self.nbytes)
         except BaseException:
             self.close()
+            raise
+
+    @contextlib.contextmanager
+    def _errors(self, action):
+        """Storage errors as one line naming the file, plus the room it needs."""
+        try:
+            with user_errors(self.path, f"{action} scratch file"):
+                yield
+        except InputError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, OSError) and cause.errno in _NO_ROOM:
+                raise InputError(f"{exc} (it needs {format_bytes(self.nbytes)} in "
+                                 f"{self.folder})") from cause
             raise
 
     def _piece_offset(self, b: int, v0: int) -> int:
@@ -120,33 +182,37 @@ class BlockScratch:
             z-planes ``z0:z0+p`` must be whole blocks.
         v0, z0 : int
         """
-        for b in self.blocks_within(z0, z0 + slab.shape[2]):
-            xs, ys, zs = self.blocks[b]
-            piece = slab[xs, ys, zs.start - z0:zs.stop - z0, :]
-            _pwrite_all(self._fd, piece, self._piece_offset(b, v0))
+        with self._errors("writing"):
+            for b in self.blocks_within(z0, z0 + slab.shape[2]):
+                xs, ys, zs = self.blocks[b]
+                piece = slab[xs, ys, zs.start - z0:zs.stop - z0, :]
+                _pwrite_all(self._fd, piece, self._piece_offset(b, v0))
 
     def read_slab(self, v0: int, v1: int, z0: int, z1: int) -> np.ndarray:
         """Volumes ``v0:v1``, z-planes ``z0:z1`` (whole blocks), C ordered."""
         out = np.empty((*self.shape[:2], z1 - z0, v1 - v0), dtype=self.dtype)
-        for b in self.blocks_within(z0, z1):
-            xs, ys, zs = self.blocks[b]
-            piece = np.empty((*self._block_shape(b), v1 - v0), dtype=self.dtype)
-            _pread_into(self._fd, piece, self._piece_offset(b, v0))
-            out[xs, ys, zs.start - z0:zs.stop - z0, :] = piece
+        with self._errors("reading"):
+            for b in self.blocks_within(z0, z1):
+                xs, ys, zs = self.blocks[b]
+                piece = np.empty((*self._block_shape(b), v1 - v0), dtype=self.dtype)
+                _pread_into(self._fd, piece, self._piece_offset(b, v0))
+                out[xs, ys, zs.start - z0:zs.stop - z0, :] = piece
         return out
 
     # -- blocks: all volumes of one spatial block -------------------------
 
     def write_block(self, b: int, data: np.ndarray, runs) -> None:
         """Store block ``b`` (shape (bx, by, bz, n)) as pieces of the volume ``runs``."""
-        for v0, v1 in runs:
-            _pwrite_all(self._fd, data[..., v0:v1], self._piece_offset(b, v0))
+        with self._errors("writing"):
+            for v0, v1 in runs:
+                _pwrite_all(self._fd, data[..., v0:v1], self._piece_offset(b, v0))
 
     def read_block(self, b: int, runs) -> np.ndarray:
         """Block ``b``, all volumes, C ordered, from its pieces (one read)."""
         shape = self._block_shape(b)
         flat = np.empty(self._voxels[b] * self.shape[3], dtype=self.dtype)
-        _pread_into(self._fd, flat, int(self._offsets[b]))
+        with self._errors("reading"):
+            _pread_into(self._fd, flat, int(self._offsets[b]))
         out = np.empty((*shape, self.shape[3]), dtype=self.dtype)
         for v0, v1 in runs:
             start = self._voxels[b] * v0
@@ -159,10 +225,8 @@ class BlockScratch:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-        except FileNotFoundError:
-            pass
 
     def __enter__(self):
         return self

@@ -204,6 +204,11 @@ _S3_CODES = {
 def describe_error(exc: BaseException) -> str | None:
     """A one-line, user-facing description of a storage error, or None.
 
+    The exception itself is tried first, then what it wraps: its
+    ``__cause__``, its ``__context__`` (unless suppressed with ``from None``)
+    and the members of an exception group, since Zarr's and fsspec's async
+    machinery and Dask may re-raise a storage error inside another one.
+
     Parameters
     ----------
     exc : BaseException
@@ -213,18 +218,77 @@ def describe_error(exc: BaseException) -> str | None:
     str or None
         None when the error is not one a user can cause or fix.
     """
+    for inner in _chain(exc):
+        message = _describe_one(inner)
+        if message is not None:
+            return message
+    return None
+
+
+def _chain(exc: BaseException):
+    """``exc``, then the exceptions it wraps, breadth first, each once."""
+    seen, queue = set(), [exc]
+    while queue:
+        exc = queue.pop(0)
+        if exc is None or id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        yield exc
+        queue.append(exc.__cause__)
+        if not exc.__suppress_context__:
+            queue.append(exc.__context__)
+        queue.extend(getattr(exc, "exceptions", None) or ())
+
+
+# base classes (by name, so that botocore and aiohttp need not be imported)
+# of errors that mean the storage service could not be reached or answered
+# unusably; Python's own ConnectionError (not matched: only classes outside
+# builtins are) is left to the errno branch, as it also covers local pipes
+_CONNECTION_ERRORS = {"ConnectionError", "EndpointConnectionError", "ConnectTimeoutError",
+                      "ClientConnectorError", "ClientConnectionError", "ServerDisconnectedError",
+                      "HTTPClientError", "ProxyConnectionError", "ConnectionClosedError"}
+_TIMEOUT_ERRORS = {"FSTimeoutError", "ReadTimeoutError", "ServerTimeoutError", "TimeoutError"}
+
+
+def _class_names(exc: BaseException) -> set:
+    return {k.__name__ for k in type(exc).__mro__
+            if k.__module__ != "builtins" or k.__name__ == "TimeoutError"}
+
+
+_STORAGE_LIBRARIES = ("s3fs", "aiobotocore", "botocore", "fsspec", "gcsfs", "adlfs")
+
+
+def _raised_in_storage_library(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised inside a storage library (not our code)."""
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb.tb_frame.f_code.co_filename
+        tb = tb.tb_next
+    parts = set(re.split(r"[\\/]", last or ""))
+    return bool(parts & set(_STORAGE_LIBRARIES))
+
+
+def _describe_one(exc: BaseException) -> str | None:
+    """:func:`describe_error` for ``exc`` alone, not what it wraps."""
     code = _client_error_code(exc)
     if code in _S3_CODES:
         return _S3_CODES[code]
     name = type(exc).__name__
     text = _one_line(exc)
     lowered = text.lower()
+    names = _class_names(exc)
+    if isinstance(exc, TypeError) and "keyword argument" in lowered \
+            and _raised_in_storage_library(exc):
+        # a storage option the file system does not take: the user's input
+        return f"a storage option is not accepted by the file system ({text})"
     if name == "NoCredentialsError" or "unable to locate credentials" in lowered:
         return ("no credentials found: pass storage_options (e.g. key/secret, or "
                 "anon=True) or set the usual environment variables")
-    if name in ("EndpointConnectionError", "ConnectTimeoutError",
-                "ClientConnectorError", "ConnectionError"):
-        return f"cannot connect to the storage service ({text})"
+    if names & _TIMEOUT_ERRORS:
+        return f"the storage service did not answer in time ({text or name})"
+    if names & _CONNECTION_ERRORS:
+        return f"cannot connect to the storage service ({text or name})"
     if isinstance(exc, FileNotFoundError):
         if "bucket" in lowered:
             return "the bucket does not exist"
@@ -247,6 +311,7 @@ def describe_error(exc: BaseException) -> str | None:
     if isinstance(exc, ValueError) and lowered.startswith("protocol not known"):
         return f"unknown URL protocol ({text})"
     if isinstance(exc, OSError) and exc.errno is not None:
+        # ENOSPC, EDQUOT, EIO, EROFS...: the system's own words are the clearest
         return exc.strerror or text
     return None
 

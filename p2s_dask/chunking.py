@@ -1,0 +1,63 @@
+"""The chunk policy: one function, used by the API, the CLI, a cluster and
+``convert``, so that what ``convert`` writes is what ``denoise`` reads.
+
+Pure: shapes and numbers in, a chunk shape out. No Dask, no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+
+# the largest block worth having: big enough for efficient GEMMs, few tasks
+# and efficient object-store requests; larger blocks only cost memory
+MAX_BLOCK_BYTES = 64 << 20
+# the smallest block worth a task (Dask's per-task cost is ~1 ms)
+MIN_BLOCK_BYTES = 1 << 20
+# blocks alive per thread at once: the block, its float64 pieces, its
+# prediction, the next block read ahead, blocks queued for writing
+BLOCKS_PER_THREAD = 8
+
+
+def block_bytes(memory_per_worker: int, threads_per_worker: int) -> int:
+    """The target size of one block for a worker's budget and thread count."""
+    per_thread = int(memory_per_worker) // (BLOCKS_PER_THREAD * max(1, int(threads_per_worker)))
+    # a tiny budget still gets blocks worth a task, but never more than an
+    # eighth of the budget
+    floor = min(MIN_BLOCK_BYTES, int(memory_per_worker) // BLOCKS_PER_THREAD)
+    return int(min(MAX_BLOCK_BYTES, max(floor, per_thread)))
+
+
+def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worker: int,
+                 radius=(0, 0, 0)) -> tuple[int, int, int]:
+    """Spatial chunk shape ``(cx, cy, cz)`` for blocks holding all volumes.
+
+    Splits z first, then y, then x: whole xy-planes keep a NIfTI's
+    volume-major reads long and a Zarr's shards few. Chunks stay at least as
+    thick as the patch radius, so each halo comes from the next chunk only.
+
+    Parameters
+    ----------
+    shape : tuple of 4 ints
+        ``(x, y, z, volumes)``.
+    itemsize : int
+        Bytes per value as a block is held while working on it (8 for data
+        decoded to float64, the stored size where it is read as stored).
+    memory_per_worker : int
+        The budget of one worker, bytes.
+    threads_per_worker : int
+    radius : tuple of 3 ints, optional
+
+    Returns
+    -------
+    tuple of 3 ints
+    """
+    nx, ny, nz, n = (int(s) for s in shape)
+    target = block_bytes(memory_per_worker, threads_per_worker)
+    voxels = max(1, target // (n * int(itemsize)))
+    sizes = [nx, ny, nz]
+    for axis in (2, 1, 0):
+        if math.prod(sizes) <= voxels:
+            break
+        rest = math.prod(sizes) // sizes[axis]
+        sizes[axis] = min(sizes[axis], max(1, int(radius[axis]), voxels // rest))
+    return tuple(sizes)

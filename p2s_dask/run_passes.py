@@ -1,0 +1,240 @@
+"""The passes of a file run, each resumable from the work store.
+
+:func:`execute` runs a :class:`~p2s_dask.plan.Plan` on an executor: it
+stages the input, computes (or reloads) the statistics, solves, computes
+(or reloads) the prediction minima, predicts every chunk not yet done into
+the sink, and commits the sink. Each pass is a small function; the Dask
+graphs come from :mod:`.engine`, the storage from :mod:`.io` and
+:mod:`.sinks`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+import dask
+import numpy as np
+
+from . import engine
+from .core.layout import rows_order
+from .core.postprocess import intensity_shift
+from .errors import DataError, InputError
+from .io import nifti_to_zarr, open_dwi
+from .io.malloc import reuse_freed_memory
+from .io.nifti_direct import open_nifti
+from .io.urls import describe_error, is_local, local_path
+from .io.zarr_store import store_state
+from .plan import region_key
+from .sinks import NiftiDirectSink, NiftiViaZarrSink, ZarrSink
+from .validate import describe_nonfinite
+from .workstore import stats_from_arrays, stats_to_arrays
+
+# seconds to wait after each output chunk: lets tests interrupt a run mid-way
+CHUNK_DELAY_ENV = "P2S_DASK_CHUNK_DELAY"
+# a stage name: the run stops before that stage (it writes ``paused-STAGE``
+# into the work store and sleeps) so that fault tests can kill it there
+PAUSE_ENV = "P2S_DASK_PAUSE_BEFORE"
+
+
+def execute(run, plan, work, executor, report) -> None:
+    """Run every pass of ``plan``; stage times and reuse go into ``report``."""
+    timed = _Timer(report)
+    with timed("input", work):
+        values = stage_input(run, plan, work, executor, report)
+    arr = engine.as_chunked(values, plan.chunks, run.radius)
+    with timed("statistics", work):
+        summary = statistics(run, arr, work, executor, report)
+        fitted = engine.fit_models(summary, run.groups, run.radius, run.model,
+                                   run.opts.alpha, run.calc_dtype)
+    with timed("minima", work):
+        shift = minima(run, arr, fitted, work, executor, report)
+    with timed("predict", work):
+        sink = make_sink(run, plan, work)
+        predict(run, plan, arr, fitted, shift, sink, work, executor, report)
+    with timed("output", work), _errors("writing the output"):
+        sink.commit(executor)
+
+
+class _Timer:
+    def __init__(self, report):
+        self.report = report
+
+    @contextlib.contextmanager
+    def __call__(self, name, work=None):
+        if work is not None and os.environ.get(PAUSE_ENV) == name:
+            _pause(name, work)
+        t0 = time.perf_counter()
+        yield
+        self.report.stages[name] = time.perf_counter() - t0
+
+
+def _pause(name, work):
+    """The fault tests' hook (see PAUSE_ENV): wait here to be killed."""
+    work.write_bytes(f"paused-{name}", b"")
+    time.sleep(600)
+
+
+@contextlib.contextmanager
+def _errors(doing: str):
+    """Failures inside a pass as one line: storage errors raised in tasks
+    (a full disk, a lost endpoint) and lost workers."""
+    try:
+        yield
+    except (InputError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        message = describe_error(exc) or _cluster_error(exc)
+        if message is None:
+            raise
+        raise InputError(f"{doing}: {message}; rerun the same command to resume") from exc
+
+
+def _cluster_error(exc) -> str | None:
+    name = type(exc).__name__
+    if name in ("KilledWorker", "FutureCancelledError", "CancelledError"):
+        return f"the Dask workers were lost ({name})"
+    if name in ("CommClosedError", "StreamClosedError", "TimeoutError"):
+        return f"the connection to the Dask cluster was lost ({name})"
+    return None
+
+
+def stage_input(run, plan, work, executor, report):
+    """The input as a dask array chunked by the plan."""
+    so = run.opts.storage_options
+    if plan.input_mode == "in-place":
+        values, _ = open_nifti(run.inp, plan.chunks, meta=run.meta)
+        # every task allocates a block and its prediction of the same size:
+        # let the allocator hand freed ones back instead of fresh pages
+        reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
+        return values
+    if plan.input_mode == "store":
+        return open_dwi(run.inp, so)[0]
+    src = work.file("input.zarr")
+    if store_state(src, so) == "complete":
+        report.resumed.append("input")
+    else:
+        with _errors("staging the input"):
+            nifti_to_zarr(run.inp, src, chunks=plan.chunks, memory_limit=run.budget,
+                          bvals=run.bvals, bvecs=run.bvecs, overwrite=True,
+                          storage_options=so, tmp_dir=_scratch_dir(run, work),
+                          progress=run.opts.progress)
+    return open_dwi(src, so)[0]
+
+
+def _scratch_dir(run, work):
+    """Scratch files go under --tmp-dir or the (local) work store."""
+    if run.opts.tmp_dir and is_local(run.opts.tmp_dir):
+        return local_path(run.opts.tmp_dir)
+    if is_local(work.url):
+        return local_path(work.url)
+    return None
+
+
+def statistics(run, arr, work, executor, report):
+    """Pass 1: the merged statistics, saved in the work store."""
+    saved = work.load_arrays("statistics.npz")
+    if saved is not None:
+        report.resumed.append("statistics")
+        stats, lowest = stats_from_arrays(saved)
+        return engine.Summary(stats, lowest)
+    graph = engine.summarize(arr, run.groups, run.radius, run.mask)
+    with _errors("computing the statistics"):
+        summary = executor.compute(graph, "statistics", run.opts.progress)
+    if summary.nonfinite:
+        raise DataError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
+    for group, st in zip(run.groups, summary.stats):
+        if st is not None and st.count < 2:
+            raise DataError(f"the mask selects {st.count} voxel(s): too few to fit the "
+                            f"{group.name} group")
+    work.save_arrays("statistics.npz", **stats_to_arrays(summary.stats, summary.minima))
+    return summary
+
+
+def minima(run, arr, fitted, work, executor, report):
+    """Pass 2: the per-volume shift (None without ``shift_intensity``)."""
+    if not run.shift:
+        return None
+    saved = work.load_arrays("minima.npz")
+    if saved is not None:
+        report.resumed.append("minima")
+        pred_min = saved["minima"]
+    else:
+        graph = engine.prediction_minima(arr, fitted, run.radius)
+        with _errors("computing the minima"):
+            pred_min = np.asarray(executor.compute(graph, "minima", run.opts.progress),
+                                  np.float64)
+        work.save_arrays("minima.npz", minima=pred_min)
+    return intensity_shift(fitted.minima, pred_min)
+
+
+def make_sink(run, plan, work):
+    """The sink of the plan's output mode."""
+    out_meta = run.meta.for_values(run.out_dtype, run.shape)
+    so = run.opts.storage_options
+    if plan.output_mode == "nifti-direct":
+        return NiftiDirectSink(run.out, work, out_meta)
+    if plan.output_mode == "zarr":
+        return ZarrSink(run.out, work, out_meta, plan.chunks, so)
+    return NiftiViaZarrSink(run.out, work, out_meta, plan.chunks, so,
+                            memory_limit=run.budget, tmp_dir=_scratch_dir(run, work),
+                            progress=run.opts.progress)
+
+
+def predict(run, plan, arr, fitted, shift, sink, work, executor, report):
+    """Pass 3: every chunk not yet done, predicted and written by the sink."""
+    done = work.done_regions()
+    with _errors("creating the output"):
+        resumed = sink.create(resume=bool(done))
+    if not resumed:
+        if done:
+            work.remove("done")
+        done = set()
+    work.makedirs("done")
+    executor.require_shared_files(_shared_files(sink))
+    tasks = _write_tasks(plan, arr, fitted, run.radius, shift, run.clip, run.out_dtype,
+                         sink, work, done)
+    if done:
+        report.resumed.append(f"{len(done)} output chunks")
+    try:
+        with _errors("writing the output"):
+            if tasks:
+                executor.compute(tasks, "predict", run.opts.progress)
+            sink.finish(executor)
+    except BaseException:
+        sink.abort(executor)
+        raise
+
+
+def _shared_files(sink):
+    url = getattr(sink, "url", None)
+    if url is None or not is_local(url) or not os.path.isdir(local_path(url)):
+        return []
+    return [os.path.join(local_path(url), "zarr.json")]
+
+
+def _write_chunk(block, region, fitted, radius, shift, clip, dtype, sink, work, key):
+    # a volume-major block predicts straight into the writer's layout
+    buffer = sink.buffer(region, dtype) if rows_order(block) == "F" else None
+    out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype, out=buffer)
+    # the marker goes after the data: a marked chunk is always fully written
+    sink.write(region, out, lambda: work.mark_done(key))
+    delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
+    if delay:
+        time.sleep(delay)
+    return key
+
+
+def _write_tasks(plan, arr, fitted, radius, shift, clip, dtype, sink, work, done):
+    """One task per chunk of the plan whose region is not done yet."""
+    blocks = engine.with_halo(arr, radius).to_delayed()
+    fitted_d = dask.delayed(fitted)
+    write = dask.delayed(_write_chunk, pure=False)
+    tasks = []
+    for idx, region in plan.regions():
+        key = region_key(region)
+        if key not in done:
+            tasks.append(write(blocks[idx + (0,)], region, fitted_d, radius, shift, clip,
+                               dtype, sink, work, key))
+    return tasks
