@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -41,38 +42,46 @@ def _storage(text):
     return value
 
 
-def _bool(text):
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 # how each option's text becomes a value (default: the text itself)
 _PARSERS = {
     "patch_radius": _radius, "alpha": float, "b0_threshold": float, "version": int,
-    "b0_denoising": _bool, "clip_negative_vals": _bool, "shift_intensity": _bool,
     "chunks": _chunks, "storage_options": _storage, "workers": int, "threads": int,
+    "log_level": str.upper,
 }
 # options of both subcommands (the rest are denoise's)
-_COMMON = ("memory_limit", "storage_options", "overwrite", "tmp_dir")
+_COMMON = ("memory_limit", "storage_options", "overwrite", "tmp_dir", "log_level", "log_file")
 
 
 def _add_option(p, f):
-    """One argument of the parser from one field of :class:`Options`."""
+    """The arguments of one field of :class:`Options`: its flag, DIPY's
+    spellings of it, and for a switch ``--no-X`` or DIPY's ``--skip_X``."""
     meta = f.metadata
+    flags = (meta["flag"], *meta["aliases"])
     kwargs = {"default": f.default, "help": meta["help"], "dest": f.name}
-    if f.type in ("bool", bool) and meta["metavar"] is None:
-        kwargs["action"] = "store_true"
+    if meta["switch"]:
+        action = argparse.BooleanOptionalAction if f.default else "store_true"
+        p.add_argument(*flags, action=action, **kwargs)
     else:
         kwargs["type"] = _PARSERS.get(f.name, str)
-        if meta["metavar"]:
-            kwargs["metavar"] = meta["metavar"]
-        if meta["choices"]:
-            kwargs["choices"] = meta["choices"]
-    p.add_argument(meta["flag"], **kwargs)
+        for key in ("metavar", "choices"):
+            if meta[key]:
+                kwargs[key] = meta[key]
+        p.add_argument(*flags, **kwargs)
+    if meta["negative"]:
+        p.add_argument(meta["negative"], dest=f.name, action="store_false",
+                       help=f"same as --no-{meta['flag'][2:]} (DIPY's spelling; default: not given)")
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's default in ``--help``, unless its text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = (argparse._HelpAction, argparse._VersionAction, argparse._StoreFalseAction)
+        if "default" in text or action.default in (argparse.SUPPRESS, None) \
+                or not action.option_strings or isinstance(action, quiet):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _options_args(p, names=None):
@@ -92,29 +101,38 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``p2s-dask`` parser; denoise's options come from :class:`Options`."""
+    from . import __version__
     parser = _Parser(
-        prog="p2s-dask",
+        prog="p2s-dask", formatter_class=_Help,
         description="Exact, out-of-core Patch2Self denoising of diffusion MRI.")
+    parser.add_argument("--version", action="version", version=f"p2s-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    conv = sub.add_parser("convert", help="NIfTI <-> Zarr (chosen by the names)")
+    conv = sub.add_parser("convert", help="NIfTI <-> Zarr (chosen by the names)",
+                          formatter_class=_Help)
     conv.add_argument("input", metavar="IN")
     conv.add_argument("output", metavar="OUT")
-    conv.add_argument("--bvals", default=None)
-    conv.add_argument("--bvecs", default=None)
+    conv.add_argument("--bvals", default=None,
+                      help="FSL bvals to store (default: IN's .bval sibling, if any)")
+    conv.add_argument("--bvecs", default=None,
+                      help="FSL bvecs to store (default: IN's .bvec sibling, if any)")
     _options_args(conv, _COMMON + ("chunks",))
 
-    den = sub.add_parser("denoise", help="denoise IN into OUT (each NIfTI or Zarr)")
+    den = sub.add_parser("denoise", help="denoise IN into OUT (each NIfTI or Zarr)",
+                         formatter_class=_Help)
     den.add_argument("input", metavar="IN")
     den.add_argument("output", metavar="OUT")
     den.add_argument("--bvals", default=None,
                      help="FSL bvals (default: stored in a Zarr IN, or IN's .bval sibling)")
-    den.add_argument("--bvecs", default=None)
+    den.add_argument("--bvecs", default=None,
+                     help="FSL bvecs (default: stored in a Zarr IN, or IN's .bvec sibling)")
     den.add_argument("--report-json", default=None, metavar="FILE",
-                     help="also write the run's timings and peak memory as JSON")
+                     help="also write the run's timings and peak memory as JSON "
+                          "(default: none)")
     _options_args(den)
 
-    demo = sub.add_parser("demo", help="denoise the bundled example data")
+    demo = sub.add_parser("demo", help="denoise the bundled example data",
+                          formatter_class=_Help)
     demo.add_argument("--out-dir", default="p2s_demo",
                       help="where to write the result and figure (default %(default)s)")
     demo.add_argument("--overwrite", action="store_true")
@@ -145,8 +163,6 @@ def _denoise(args):
     options = Options(**values, progress=not args.quiet)
     report = denoise_file(args.input, args.output, bvals=args.bvals, bvecs=args.bvecs,
                           options=options)
-    if report.started_over:
-        print(f"p2s-dask: starting over: {report.started_over}", file=sys.stderr)
     if report.resumed:
         print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
     print(report.summary_line())
@@ -162,6 +178,31 @@ def _demo(args):
 
 def _one_line_warning(message, category, filename, lineno, line=None):
     return f"p2s-dask: warning: {message}\n"
+
+
+@contextlib.contextmanager
+def _logging(args):
+    """The 'p2s_dask' log to stderr (one line per message) and to --log-file."""
+    logger = logging.getLogger("p2s_dask")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setFormatter(logging.Formatter("p2s-dask: %(message)s"))
+    if getattr(args, "log_file", None):
+        try:
+            handlers.append(logging.FileHandler(args.log_file))
+        except OSError as exc:
+            raise InputError(f"--log-file {args.log_file}: {exc.strerror}") from None
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    old_level = logger.level
+    logger.setLevel(getattr(args, "log_level", "WARNING"))
+    for h in handlers:
+        logger.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
 
 
 def _in_cli_words(exc: InputError) -> str:
@@ -187,7 +228,7 @@ def main(argv=None) -> int:
     handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo}
     from .options import front
     try:
-        with front("cli"):
+        with front("cli"), _logging(args):
             handlers[args.command](args)
     except InputError as exc:
         print(f"p2s-dask: error: {_in_cli_words(exc)}", file=sys.stderr)

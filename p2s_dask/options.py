@@ -34,9 +34,14 @@ def front(name: str):
         _FRONT.reset(token)
 
 
-def _opt(flag=None, help="", *, result=False, metavar=None, api=True, choices=None):
+def _opt(flag=None, help="", *, result=False, metavar=None, api=True, choices=None,
+         aliases=(), negative=None, switch=False):
+    """Field metadata: ``flag`` and its ``aliases`` (DIPY's spellings) on the
+    command line; ``switch`` for a boolean flag (``--x`` / ``--no-x``);
+    ``negative`` a flag that sets it False (DIPY's ``--skip_...``)."""
     return {"flag": flag, "help": help, "result": result, "metavar": metavar,
-            "api": api, "choices": choices}
+            "api": api, "choices": choices, "aliases": tuple(aliases),
+            "negative": negative, "switch": switch}
 
 
 def spell(name: str) -> str:
@@ -74,38 +79,42 @@ class Options:
 
     # -- options that change the result
     patch_radius: object = field(default=0, metadata=_opt(
-        "--patch-radius", "patch radius in voxels: R or RX,RY,RZ (default %(default)s)",
-        result=True, metavar="R"))
+        "--patch-radius", "patch radius in voxels: R or RX,RY,RZ",
+        result=True, metavar="R", aliases=("--patch_radius",)))
     model: str = field(default="ols", metadata=_opt(
-        "--model", "ols, ridge or lasso (default %(default)s)", result=True))
+        "--model", "ols, ridge or lasso", result=True))
     b0_threshold: float = field(default=50, metadata=_opt(
-        "--b0-threshold", "b-values up to this are b0 volumes (default %(default)s)",
-        result=True))
+        "--b0-threshold", "b-values up to this are b0 volumes",
+        result=True, aliases=("--b0_threshold",)))
     out_dtype: object = field(default=None, metadata=_opt(
-        "--out-dtype", "output dtype (default: the input's; float32 for scaled input)",
-        result=True))
+        "--out-dtype", "output dtype (default: the input's)", result=True,
+        aliases=("--out_dtype",)))
     alpha: float = field(default=1.0, metadata=_opt(
-        "--alpha", "penalty of ridge and lasso (default %(default)s)", result=True))
+        "--alpha", "penalty of ridge and lasso", result=True))
     b0_denoising: bool = field(default=True, metadata=_opt(
-        "--b0-denoising", "denoise the b0 volumes (default %(default)s)", result=True,
-        metavar="BOOL"))
+        "--b0-denoising", "denoise the b0 volumes", result=True,
+        switch=True, negative="--skip_b0_denoising"))
     clip_negative_vals: bool = field(default=False, metadata=_opt(
-        "--clip-negative-vals", "clip negative values to 0 (default %(default)s)",
-        result=True, metavar="BOOL"))
+        "--clip-negative-vals", "clip negative values to 0",
+        result=True, switch=True, aliases=("--clip_negative_vals",)))
     shift_intensity: bool = field(default=True, metadata=_opt(
         "--shift-intensity", "shift each volume to its original minimum "
-        "(default %(default)s)", result=True, metavar="BOOL"))
+        "", result=True, switch=True,
+        negative="--skip_shift_intensity"))
     version: int = field(default=3, metadata=_opt(
-        "--version", "DIPY's algorithm version, 1 or 3; both are exact here "
-        "(default %(default)s)", result=True, choices=(1, 3)))
+        "--ver", "DIPY's algorithm version, 1 or 3; both are exact here "
+        "", result=True, choices=(1, 3)))
     groups: object = field(default=None, metadata=_opt(
-        None, "explicit group label per volume", result=True))
+        "--groups", "volumes regressed together: 'shell' (one group per shell), "
+        "'batch:N' (diffusion volumes in batches of N), or a file of one integer label "
+        "per volume (negative: passed through) (default: b0 and the rest)",
+        result=True, metavar="SPEC"))
     mask: object = field(default=None, metadata=_opt(
         "--mask", "NIfTI mask: fit on these voxels only (default: all voxels)",
         result=True))
     precision: str = field(default="auto", metadata=_opt(
-        "--precision", "arithmetic of the prediction: auto, float32 or float64 (default "
-        "%(default)s: float32 when input and output fit it exactly, as DIPY)",
+        "--precision", "arithmetic of the prediction: auto (float32 when the input and "
+        "output fit it exactly, as DIPY), float32 or float64",
         result=True, choices=("auto", "float32", "float64")))
     # the chunk grid changes float rounding, so it is part of a run's identity
     # (recorded there from the plan), but the user's hint itself is not
@@ -115,27 +124,35 @@ class Options:
     # -- options that say how the work runs
     memory_limit: object = field(default="2GiB", metadata=_opt(
         "--memory-limit", "memory budget of a local run, shared by its workers; on a "
-        "cluster each worker's own limit rules, this one for workers without one "
-        "(default %(default)s)", api=False))
+        "cluster each worker's own limit rules, this one for workers without one",
+        api=False))
     workers: object = field(default=None, metadata=_opt(
         "--workers", "local worker processes (default: threads in this process)",
         api=False))
     threads: object = field(default=None, metadata=_opt(
         "--threads", "threads per worker (default: the usable cores)", api=False))
     scheduler: object = field(default=None, metadata=_opt(
-        "--scheduler", "address of a Dask scheduler (default: $P2S_DASK_SCHEDULER, "
-        "$DASK_SCHEDULER_ADDRESS or Dask's config; else a local run)", api=False,
+        "--scheduler", "address of a Dask scheduler (default: --scheduler-file, "
+        "$P2S_DASK_SCHEDULER, $DASK_SCHEDULER_ADDRESS or Dask's config; else a local run)", api=False,
         metavar="ADDRESS"))
     scheduler_file: object = field(default=None, metadata=_opt(
-        "--scheduler-file", "a Dask scheduler file to connect to", api=False,
+        "--scheduler-file", "a Dask scheduler file to connect to (default: none)",
+        api=False,
         metavar="FILE"))
     overwrite: bool = field(default=False, metadata=_opt(
-        "--overwrite", "replace an existing OUT (never done otherwise)", api=False))
+        "--overwrite", "replace an existing OUT (never done otherwise)", api=False, switch=True, aliases=("--force",)))
     tmp_dir: object = field(default=None, metadata=_opt(
         "--tmp-dir", "where the work store and scratch files go (default: next to OUT)"))
     storage_options: object = field(default=None, metadata=_opt(
-        "--storage-options", "fsspec options for s3:// or gs:// URLs, as JSON",
+        "--storage-options", "fsspec options for s3:// or gs:// URLs, as JSON (default: none; the usual AWS "
+        "variables apply)",
         api=False, metavar="JSON"))
+    log_level: str = field(default="WARNING", metadata=_opt(
+        "--log-level", "how much the log says", api=False,
+        aliases=("--log_level",), choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")))
+    log_file: object = field(default=None, metadata=_opt(
+        "--log-file", "also write the log to this file (default: stderr only)", api=False,
+        aliases=("--log_file",), metavar="FILE"))
     progress: bool = field(default=True, metadata=_opt(None, "show progress", api=False))
 
     def result_fields(self) -> dict:
@@ -149,7 +166,7 @@ class Options:
                 value = str(np.dtype(value))
             elif f.name == "patch_radius":
                 value = [int(v) for v in np.atleast_1d(value)]
-            elif f.name == "groups" and value is not None:
+            elif f.name == "groups" and value is not None and not isinstance(value, str):
                 value = [int(v) for v in np.asarray(value).ravel()]
             elif f.name == "mask" and value is not None and not isinstance(value, str):
                 value = "<array>"  # arrays are fingerprinted by content elsewhere

@@ -19,6 +19,7 @@ commit.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from .core.postprocess import resolve_postprocess
 from .errors import DataError, InputError
 from .executors import open_executor
 from .groups import make_groups
+from .groupspec import group_labels
 from .io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
 from .io.budget import parse_memory_limit
 from .io.urls import exists, is_local, join
@@ -44,6 +46,7 @@ from .validate import check_bvals, check_options, check_precision, check_shape
 from .workstore import WorkStore, content_hash, fingerprint
 
 WORK_SUFFIX = ".p2s-work"
+logger = logging.getLogger("p2s_dask")
 # the options object of earlier releases
 DenoiseOptions = Options
 
@@ -152,6 +155,8 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
             work = WorkStore(run.work_url, opts.storage_options)
             _check_output_state(run, work)
             report.started_over = work.start(identity(run, plan)) or ""
+            if report.started_over:
+                logger.warning("starting over: %s", report.started_over)
             try:
                 execute(run, plan, work, executor, report)
             except DataError:
@@ -183,8 +188,9 @@ def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
     if bvecs is not None and np.asarray(bvecs).size != 3 * shape[3]:
         raise InputError(f"bvecs has {np.asarray(bvecs).size // 3} vectors but the data "
                          f"has {shape[3]} volumes")
+    labels = group_labels(opts.groups, bvals, opts.b0_threshold, opts.storage_options)
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
-                         b0_denoising=opts.b0_denoising, groups=opts.groups)
+                         b0_denoising=opts.b0_denoising, groups=labels)
     mask = _load_mask(opts.mask, shape, opts.storage_options)
     if out_dtype is None:
         out_dtype = _default_out_dtype(meta)

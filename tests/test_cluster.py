@@ -193,7 +193,7 @@ def test_scheduler_from_environment_zarr_radius1(cluster, small_dwi, tmp_path,
     # patch radius 1 in x and y: each chunk needs its neighbours' borders,
     # computed by other tasks, possibly on the other worker
     ref = tmp_path / "ref.zarr"
-    args = ["--chunks", CHUNKS, "--patch-radius", "1,1,0", "--version", "1", "--quiet"]
+    args = ["--chunks", CHUNKS, "--patch-radius", "1,1,0", "--ver", "1", "--quiet"]
     assert main(["denoise", str(small_dwi), str(ref), *args]) == 0
     monkeypatch.setenv("P2S_DASK_SCHEDULER", cluster.address)
     out = tmp_path / "den.zarr"

@@ -67,7 +67,7 @@ def test_zarr_paths_equal_api(dataset, tmp_path, radius):
     store = tmp_path / "in.zarr"
     assert cli("convert", path, store) == 0
     out = tmp_path / "out.zarr"
-    assert cli("denoise", store, out, "--patch-radius", radius, "--version", 1,
+    assert cli("denoise", store, out, "--patch-radius", radius, "--ver", 1,
                "--chunks", "7,9,4", "--out-dtype", "float64") == 0
     from p2s_dask.io import open_dwi
     values, meta = open_dwi(out)
@@ -178,7 +178,7 @@ def test_plain_nii_read_and_written_in_place(dataset, tmp_path, radius):
     nib.save(img, str(plain))  # same scaled int16, uncompressed
     np.savetxt(tmp_path / "dwi.bval", bvals[None], fmt="%g")
     out = tmp_path / "den.nii"
-    assert cli("denoise", plain, out, "--patch-radius", radius, "--version", 1,
+    assert cli("denoise", plain, out, "--patch-radius", radius, "--ver", 1,
                "--chunks", "5,22,3", "--out-dtype", "float64") == 0
     assert not list(tmp_path.glob("*.zarr"))
     # nibabel may choose a new scaling when it saves: read back what is on disk
