@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _convert(args):
-    from .io import kind_of, nifti_to_zarr, zarr_to_nifti
+    from .io import kind_of, nifti_to_zarr
     src, dst = kind_of(args.input), kind_of(args.output)
     common = dict(memory_limit=args.memory_limit, overwrite=args.overwrite,
                   storage_options=args.storage_options, tmp_dir=args.tmp_dir,
@@ -150,10 +150,26 @@ def _convert(args):
         nifti_to_zarr(args.input, args.output, chunks=args.chunks, bvals=args.bvals,
                       bvecs=args.bvecs, **common)
     elif src == "zarr" and dst == "nifti":
-        zarr_to_nifti(args.input, args.output, **common)
+        _convert_to_nifti(args, common)
     else:
         raise InputError(f"convert goes from NIfTI to Zarr or back; got {src} -> {dst}")
     print(f"p2s-dask: wrote {args.output}")
+
+
+def _convert_to_nifti(args, common):
+    """A store back to NIfTI, with the gradients it holds as .bval/.bvec."""
+    from .io import open_dwi_array, zarr_to_nifti
+    from .io.sidecars import sidecar_urls, write_sidecars
+    from .io.urls import exists
+    _, meta = open_dwi_array(args.input, args.storage_options)
+    urls = sidecar_urls(args.output)
+    wanted = [urls[".bval"]] * (meta.bvals is not None) + [urls[".bvec"]] * (meta.bvecs is not None)
+    taken = [u for u in wanted if exists(u, args.storage_options)]
+    if taken and not args.overwrite:
+        raise InputError(f"{taken[0]} exists; use --overwrite to replace it")
+    zarr_to_nifti(args.input, args.output, **common)
+    write_sidecars(args.output, bvals=meta.bvals, bvecs=meta.bvecs,
+                   storage_options=args.storage_options)
 
 
 def _denoise(args):

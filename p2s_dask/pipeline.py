@@ -35,6 +35,7 @@ from .groupspec import group_labels
 from .io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
 from .io.budget import parse_memory_limit
 from .io.urls import exists, is_local, join
+from .io.sidecars import read_json_sidecar, sidecar_urls
 from .io.zarr_store import store_state
 from .memory import PeakMemory
 from .options import Options, check_run_options
@@ -105,6 +106,7 @@ class Run:
     work_url: str
     opts: Options
     stored_chunks: tuple | None = None  # a Zarr input's chunks
+    sidecar: dict | None = None  # the input's BIDS .json sidecar
 
 
 def work_url(out, tmp_dir) -> str:
@@ -181,6 +183,7 @@ def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
     check_in_out(inp, out, wurl, others=[bvals, bvecs, opts.mask])
     _require_input(inp, opts.storage_options)
     _refuse_existing_output(out, out_kind, wurl, opts)
+    _refuse_existing_sidecars(out, out_kind, wurl, opts)
     shape, meta, stored_chunks = _probe(inp, in_kind, opts.storage_options)
     check_shape(shape)
     bvals, bvecs = _gradients(inp, in_kind, bvals, bvecs, meta, opts.storage_options)
@@ -188,6 +191,10 @@ def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
     if bvecs is not None and np.asarray(bvecs).size != 3 * shape[3]:
         raise InputError(f"bvecs has {np.asarray(bvecs).size // 3} vectors but the data "
                          f"has {shape[3]} volumes")
+    # outputs carry the gradients (a Zarr store's arrays, a NIfTI's sidecars)
+    meta = meta.with_gradients(bvals, None if bvecs is None else
+                               np.asarray(bvecs, float).reshape(3, -1))
+    sidecar = read_json_sidecar(inp, opts.storage_options) if in_kind == "nifti" else None
     labels = group_labels(opts.groups, bvals, opts.b0_threshold, opts.storage_options)
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
                          b0_denoising=opts.b0_denoising, groups=labels)
@@ -198,7 +205,7 @@ def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
     shift, clip = resolve_postprocess(opts.shift_intensity, opts.clip_negative_vals)
     return Run(inp, out, in_kind, out_kind, shape, meta, bvals, bvecs, groups, mask, radius,
                model, np.dtype(out_dtype), calc_dtype, shift, clip, budget, wurl, opts,
-               stored_chunks)
+               stored_chunks, sidecar)
 
 
 def _require_input(inp, storage_options):
@@ -216,6 +223,19 @@ def _refuse_existing_output(out, out_kind, wurl, opts):
     if not ours:
         from .options import spell
         raise InputError(f"{out} exists; use {spell('overwrite')} to replace it")
+
+
+def _refuse_existing_sidecars(out, out_kind, wurl, opts):
+    """A NIfTI OUT's sidecars are written too: never over files of the user's
+    (those of an unfinished run of ours, which wrote them first, are ours)."""
+    if opts.overwrite or out_kind != "nifti" or exists(join(wurl, "run.json"),
+                                                        opts.storage_options):
+        return
+    for url in sidecar_urls(out).values():
+        if exists(url, opts.storage_options):
+            from .options import spell
+            raise InputError(f"{url} exists (OUT's sidecar); use {spell('overwrite')} "
+                             "to replace it")
 
 
 def _check_output_state(run: Run, work: WorkStore):

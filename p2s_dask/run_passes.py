@@ -17,13 +17,14 @@ import time
 import dask
 import numpy as np
 
-from . import engine
+from . import __version__, engine
 from .core.layout import rows_order
 from .core.postprocess import intensity_shift
 from .errors import DataError, InputError
 from .io import nifti_to_zarr, open_dwi
 from .io.malloc import reuse_freed_memory
 from .io.nifti_direct import open_nifti
+from .io.sidecars import write_sidecars
 from .io.urls import describe_error, is_local, local_path
 from .io.zarr_store import store_state
 from .plan import region_key
@@ -54,7 +55,26 @@ def execute(run, plan, work, executor, report) -> None:
         sink = make_sink(run, plan, work)
         predict(run, plan, arr, fitted, shift, sink, work, executor, report)
     with timed("output", work), _errors("writing the output"):
+        if run.out_kind == "nifti":
+            # the sidecars first: until the image is renamed into place
+            # nothing at OUT looks complete
+            write_sidecars(run.out, bvals=run.bvals, bvecs=run.meta.bvecs,
+                           metadata=provenance(run), storage_options=run.opts.storage_options)
         sink.commit(executor)
+
+
+def provenance(run) -> dict:
+    """The output's ``.json`` sidecar: the input's fields, then what made it
+    (BIDS derivative ``Sources`` and ``Description``, our version and options)."""
+    options = run.opts.result_fields()
+    options.update(out_dtype=str(run.out_dtype), calc_dtype=str(run.calc_dtype))
+    if run.mask is not None:
+        options["mask"] = str(run.opts.mask)
+    return {**(run.sidecar or {}),
+            "Sources": [str(run.inp)],
+            "Description": "Denoised with Patch2Self (p2s-dask, exact regression from "
+                           "sufficient statistics)",
+            "P2SDask": {"Version": __version__, "Options": options}}
 
 
 class _Timer:

@@ -70,14 +70,27 @@ def check_in_out(inp, out, work_url, others=()) -> None:
     if _inside(cin, cwork):
         raise InputError(f"the input ({inp}) is inside the work store {work_url}; "
                          "move it or choose another OUT or --tmp-dir")
-    for other in others:
-        if other is None or not isinstance(other, (str, os.PathLike)):
-            continue
+    targets = [out, *_sidecars_of(out)]
+    inputs = [o for o in (*others, *_sidecars_of(inp))
+              if o is not None and isinstance(o, (str, os.PathLike))]
+    for other in inputs:
         cother = canonical(other)
-        if cother == cout or _inside(cother, cout) or (
-                is_local(other) and is_local(out) and _same_file(cother, cout)):
-            raise InputError(f"OUT ({out}) would replace the input file {other}; "
-                             "choose another OUT")
+        for target in targets:
+            ctarget = canonical(target)
+            if cother == ctarget or _inside(cother, ctarget) or (
+                    is_local(other) and is_local(target) and _same_file(cother, ctarget)):
+                raise InputError(f"OUT ({out}) would replace the input file {other}; "
+                                 "choose another OUT")
+
+
+def _sidecars_of(url) -> list:
+    """The .bval/.bvec/.json beside a NIfTI (none for a store)."""
+    from .io.sidecars import sidecar_urls
+    from .io.urls import kind_of
+    try:
+        return list(sidecar_urls(url).values()) if kind_of(url) == "nifti" else []
+    except InputError:
+        return []
 
 
 @contextlib.contextmanager

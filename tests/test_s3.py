@@ -94,7 +94,9 @@ def test_nifti_s3_to_s3(s3, local_result, tmp_path):
     assert run(s3, "denoise", f"s3://{BUCKET}/in/dwi.nii.gz",
                f"s3://{BUCKET}/nn/den.nii.gz") == 0
     np.testing.assert_array_equal(fetch_nifti(s3, "nn/den.nii.gz", tmp_path), local_result)
-    assert keys(s3, "nn") == [f"{BUCKET}/nn/den.nii.gz"]  # no work store left
+    # the image and its sidecars, no work store left
+    assert keys(s3, "nn") == [f"{BUCKET}/nn/den{e}" for e in (".bval", ".bvec", ".json",
+                                                               ".nii.gz")]
 
 
 def test_zarr_s3_to_s3(s3, local_result):
