@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -119,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     _options_args(conv, _COMMON + ("chunks",))
 
     den = sub.add_parser("denoise", help="denoise IN into OUT (each NIfTI or Zarr)",
-                         formatter_class=_Help)
-    den.add_argument("input", metavar="IN")
-    den.add_argument("output", metavar="OUT")
+                         formatter_class=_Help,
+                         usage="%(prog)s [options] IN OUT | IN [IN ...] --out-dir DIR")
+    den.add_argument("paths", nargs="+", metavar="PATH",
+                     help="IN OUT, or with --out-dir one or more IN (globs allowed)")
+    den.add_argument("--out-dir", default=None, metavar="DIR",
+                     help="write each IN's output here, under IN's name (default: none)")
     den.add_argument("--bvals", default=None,
                      help="FSL bvals (default: stored in a Zarr IN, or IN's .bval sibling)")
     den.add_argument("--bvecs", default=None,
@@ -130,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the run's timings and peak memory as JSON "
                           "(default: none)")
     _options_args(den)
+
+    bids = sub.add_parser("bids", help="BIDS App: denoise every DWI run of a dataset",
+                          formatter_class=_Help)
+    bids.add_argument("bids_dir", metavar="BIDS_DIR")
+    bids.add_argument("output_dir", metavar="OUTPUT_DIR")
+    bids.add_argument("analysis_level", choices=("participant",))
+    bids.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
+                      metavar="LABEL", help="only these subjects (default: all)")
+    bids.add_argument("--session-label", "--session_label", nargs="+", default=None,
+                      metavar="LABEL", help="only these sessions (default: all)")
+    _options_args(bids)
 
     demo = sub.add_parser("demo", help="denoise the bundled example data",
                           formatter_class=_Help)
@@ -172,19 +187,67 @@ def _convert_to_nifti(args, common):
                    storage_options=args.storage_options)
 
 
-def _denoise(args):
+def _options_of(args):
     from .options import Options, option_fields
-    from .pipeline import denoise_file
     values = {f.name: getattr(args, f.name) for f in option_fields(cli=True)}
-    options = Options(**values, progress=not args.quiet)
-    report = denoise_file(args.input, args.output, bvals=args.bvals, bvecs=args.bvecs,
-                          options=options)
+    return Options(**values, progress=not args.quiet)
+
+
+def _expand(paths) -> list:
+    """Inputs with local globs expanded (a shell may not have done it)."""
+    import glob
+    out = []
+    for p in paths:
+        if any(c in p for c in "*?[") and "://" not in p:
+            found = sorted(glob.glob(p))
+            if not found:
+                raise InputError(f"no input matches {p}")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _denoise(args):
+    if args.out_dir is None:
+        if len(args.paths) != 2:
+            raise InputError("denoise takes IN OUT, or inputs with --out-dir DIR")
+        return _denoise_one(args, *args.paths)
+    inputs = _expand(args.paths)
+    if args.report_json:
+        raise InputError("--report-json is for one run (IN OUT)")
+    pairs = [(p, os.path.join(args.out_dir, os.path.basename(p.rstrip("/"))))
+             for p in inputs]
+    return _run_many(args, pairs)
+
+
+def _denoise_one(args, inp, out):
+    from .pipeline import denoise_file
+    report = denoise_file(inp, out, bvals=args.bvals, bvecs=args.bvecs,
+                          options=_options_of(args))
     if report.resumed:
         print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
     print(report.summary_line())
     if args.report_json:
         with open(args.report_json, "w") as fh:
             json.dump(report.as_dict(), fh, indent=1)
+
+
+def _run_many(args, pairs, bvals=None, bvecs=None) -> int:
+    from .batch import denoise_many, table
+    outcomes = denoise_many(pairs, _options_of(args), bvals=bvals, bvecs=bvecs)
+    print(table(outcomes))
+    return 2 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _bids(args):
+    from .bids import find_dwi_runs, write_description
+    runs = find_dwi_runs(args.bids_dir, args.output_dir, args.participant_label,
+                         args.session_label)
+    if not runs:
+        raise InputError(f"no DWI runs found in {args.bids_dir}")
+    write_description(args.output_dir, args.bids_dir)
+    return _run_many(args, [(str(r.path), str(r.output)) for r in runs])
 
 
 def _demo(args):
@@ -241,18 +304,18 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"p2s-dask: error: {exc} (see p2s-dask --help)", file=sys.stderr)
         return 2
-    handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo}
+    handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo, "bids": _bids}
     from .options import front
     try:
         with front("cli"), _logging(args):
-            handlers[args.command](args)
+            code = handlers[args.command](args)
     except InputError as exc:
         print(f"p2s-dask: error: {_in_cli_words(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("p2s-dask: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

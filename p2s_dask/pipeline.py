@@ -19,6 +19,7 @@ commit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -121,7 +122,7 @@ def work_url(out, tmp_dir) -> str:
 
 
 def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = None,
-                 **run_options) -> Report:
+                 executor=None, **run_options) -> Report:
     """Denoise a NIfTI or Zarr dataset into a NIfTI or Zarr file.
 
     Parameters
@@ -133,6 +134,9 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
         ``IN``'s FSL-named siblings (``dwi.bval`` / ``dwi.bvec``).
     options : Options, optional
         Every option of the run (see :class:`p2s_dask.options.Options`).
+    executor : Executor, optional
+        An open executor (:func:`p2s_dask.executors.open_executor`) shared by
+        several runs; by default one is opened for this run and closed after.
     **run_options
         Fields of :class:`Options` given directly (e.g. ``memory_limit``,
         ``workers``, ``overwrite``, ``tmp_dir``), overriding ``options``.
@@ -146,28 +150,39 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
     run = prepare(str(inp), str(out), bvals, bvecs, opts)
     report = Report(output=str(out), shape=run.shape)
     with output_lock(out), PeakMemory() as peak:
-        with open_executor(scheduler=opts.scheduler, scheduler_file=opts.scheduler_file,
-                           workers=opts.workers, threads=opts.threads,
-                           memory_limit=run.budget) as executor, single_threaded_blas():
-            plan = plan_for(run, executor)
-            report.plan = {"chunks": list(plan.chunks), "input": plan.input_mode,
-                           "output": plan.output_mode,
-                           "memory_per_worker": plan.memory_per_worker,
-                           "threads_per_worker": plan.threads_per_worker}
-            work = WorkStore(run.work_url, opts.storage_options)
-            _check_output_state(run, work)
-            report.started_over = work.start(identity(run, plan)) or ""
-            if report.started_over:
-                logger.warning("starting over: %s", report.started_over)
-            try:
-                execute(run, plan, work, executor, report)
-            except DataError:
-                work.remove()  # bad data: nothing of this run is worth keeping
-                raise
-        work.remove()
+        with _executor(executor, opts, run.budget) as ex, single_threaded_blas():
+            _run_plan(run, ex, report)
     report.seconds = time.perf_counter() - start
     report.peak_rss = peak.peak
     return report
+
+
+def _executor(executor, opts, budget):
+    """The given executor (left open), or a new one closed after the run."""
+    if executor is not None:
+        return contextlib.nullcontext(executor)
+    return open_executor(scheduler=opts.scheduler, scheduler_file=opts.scheduler_file,
+                         workers=opts.workers, threads=opts.threads, memory_limit=budget)
+
+
+def _run_plan(run: Run, executor, report: Report) -> None:
+    """Plan, start or resume the work store, execute; remove the work store
+    after success or bad data (kept after any other failure, to resume)."""
+    plan = plan_for(run, executor)
+    report.plan = {"chunks": list(plan.chunks), "input": plan.input_mode,
+                   "output": plan.output_mode, "memory_per_worker": plan.memory_per_worker,
+                   "threads_per_worker": plan.threads_per_worker}
+    work = WorkStore(run.work_url, run.opts.storage_options)
+    _check_output_state(run, work)
+    report.started_over = work.start(identity(run, plan)) or ""
+    if report.started_over:
+        logger.warning("starting over: %s", report.started_over)
+    try:
+        execute(run, plan, work, executor, report)
+    except DataError:
+        work.remove()  # bad data: nothing of this run is worth keeping
+        raise
+    work.remove()
 
 
 def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:

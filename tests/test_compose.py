@@ -189,7 +189,7 @@ def test_every_p2s_command_parses(services):
             if ns.command == "denoise" and on_cluster:
                 # the workers are other containers: they share no files with
                 # the client, only the S3 service (input, output, work store)
-                for url in (ns.input, ns.output, ns.tmp_dir or "s3://"):
+                for url in (*ns.paths, ns.tmp_dir or "s3://"):
                     assert url.startswith("s3://"), f"{name}: {url}"
     assert checked >= 2
     for argv in p2s_commands(readme_shell_lines()):
