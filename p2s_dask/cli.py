@@ -259,12 +259,21 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"p2s-dask: warning: {message}\n"
 
 
+class _LineFormatter(logging.Formatter):
+    """``p2s-dask: warning: ...`` for warnings and errors, ``p2s-dask: ...``
+    for information, as the command's other lines."""
+
+    def format(self, record):
+        level = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
+        return f"p2s-dask: {level}{record.getMessage()}"
+
+
 @contextlib.contextmanager
 def _logging(args):
     """The 'p2s_dask' log to stderr (one line per message) and to --log-file."""
     logger = logging.getLogger("p2s_dask")
     handlers = [logging.StreamHandler(sys.stderr)]
-    handlers[0].setFormatter(logging.Formatter("p2s-dask: %(message)s"))
+    handlers[0].setFormatter(_LineFormatter())
     if getattr(args, "log_file", None):
         try:
             handlers.append(logging.FileHandler(args.log_file))

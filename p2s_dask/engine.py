@@ -31,6 +31,7 @@ from .core.layout import rows_order, voxel_rows
 from .core.postprocess import intensity_shift
 from .core.predict import combine
 from .core.predict import prediction_minima as block_prediction_minima
+from .core.predict import prediction_range as block_prediction_range
 from .chunking import chunk_policy
 from .errors import InputError
 from .groups import Group
@@ -316,10 +317,51 @@ def _predict_min_chunk(block, fitted: FittedModels, radius):
     return lowest.reshape(1, 1, 1, -1)
 
 
-def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=None):
+def _predict_range_chunk(block, fitted: FittedModels, radius):
+    with OneBlasThread():
+        both = block_prediction_range(block, radius, fitted.plan, dtype=fitted.calc_dtype)
+    return both.reshape(1, 1, 1, 2, -1)
+
+
+class Outside:
+    """Counts values that an integer ``dtype`` cannot hold (they are clipped
+    by the cast), piece by piece; cheap when none are: a piece whose minimum
+    and maximum fit is not counted."""
+
+    def __init__(self, dtype):
+        info = np.iinfo(dtype)
+        # values that round into the range are fine
+        self.lo, self.hi = info.min - 0.5, info.max + 0.5
+        self.count = 0
+
+    def __call__(self, piece):
+        if piece.min() < self.lo or piece.max() > self.hi:
+            self.count += int(np.count_nonzero(piece < self.lo))
+            self.count += int(np.count_nonzero(piece > self.hi))
+        return piece
+
+
+def _post(clip, scale, counter):
+    """The transform of each predicted piece: clip, scale, count."""
+    if not clip and scale is None and counter is None:
+        return None
+
+    def transform(piece):
+        if clip:
+            np.maximum(piece, 0.0, out=piece)
+        if scale is not None:
+            piece *= piece.dtype.type(scale)
+        return counter(piece) if counter is not None else piece
+    return transform
+
+
+def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=None,
+                  scale=None, counter=None):
     """Denoised, shifted, clipped and cast values of one block's interior
     (into ``out`` when given: an array of the interior's shape and ``dtype``,
-    in the block's layout)."""
+    in the block's layout). ``scale`` multiplies the values before the cast
+    (1 / scl_slope of a scaled integer output); ``counter`` (an
+    :class:`Outside`) counts values the cast clips."""
     if out is None:
         out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
                        dtype=dtype, order=rows_order(block))
@@ -327,8 +369,7 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=N
     # are stored
     with OneBlasThread():
         return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
-                             offset=shift, transform=_clip_negatives if clip else None,
-                             out=out)
+                             offset=shift, transform=_post(clip, scale, counter), out=out)
 
 
 def _one_key(obj):
@@ -348,6 +389,20 @@ def prediction_minima(arr: da.Array, fitted, radius) -> da.Array:
     mins = da.map_blocks(_predict_min_chunk, halo, _one_key(fitted), radius, dtype=np.float64,
                          chunks=chunks, meta=np.empty((0, 0, 0, 0)))
     return mins.min(axis=(0, 1, 2))
+
+
+def prediction_range(arr: da.Array, fitted, radius) -> da.Array:
+    """Per-volume ``(minimum, maximum)``, shape ``(2, n)``, of the unshifted
+    prediction (for a fitted output scale and to foresee clipping)."""
+    halo = with_halo(arr, radius)
+    n = arr.shape[3]
+    chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((2,), (n,))
+    both = da.map_blocks(_predict_range_chunk, halo, _one_key(fitted), radius,
+                         dtype=np.float64, chunks=chunks, new_axis=3,
+                         meta=np.empty((0, 0, 0, 0, 0)))
+    lowest = both[:, :, :, 0].min(axis=(0, 1, 2))
+    highest = both[:, :, :, 1].max(axis=(0, 1, 2))
+    return da.stack([lowest, highest])
 
 
 def predict(arr: da.Array, fitted, radius, shift=None, clip=False,

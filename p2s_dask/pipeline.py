@@ -108,6 +108,7 @@ class Run:
     opts: Options
     stored_chunks: tuple | None = None  # a Zarr input's chunks
     sidecar: dict | None = None  # the input's BIDS .json sidecar
+    fit_scale: bool = False  # an integer output with a fitted scl_slope
 
 
 def work_url(out, tmp_dir) -> str:
@@ -214,13 +215,16 @@ def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
                          b0_denoising=opts.b0_denoising, groups=labels)
     mask = _load_mask(opts.mask, shape, opts.storage_options)
+    # scaled integer input comes back as its integer type with a fitted
+    # scl_slope (as nibabel writes it), unless --out-dtype says otherwise
+    fit_scale = out_dtype is None and meta.scaled and np.issubdtype(meta.raw_dtype, np.integer)
     if out_dtype is None:
-        out_dtype = _default_out_dtype(meta)
+        out_dtype = meta.raw_dtype if fit_scale else _default_out_dtype(meta)
     calc_dtype = check_precision(opts.precision, meta.value_dtype, out_dtype)
     shift, clip = resolve_postprocess(opts.shift_intensity, opts.clip_negative_vals)
     return Run(inp, out, in_kind, out_kind, shape, meta, bvals, bvecs, groups, mask, radius,
                model, np.dtype(out_dtype), calc_dtype, shift, clip, budget, wurl, opts,
-               stored_chunks, sidecar)
+               stored_chunks, sidecar, fit_scale)
 
 
 def _require_input(inp, storage_options):
@@ -366,8 +370,7 @@ def _probe(url, kind, storage_options):
 
 
 def _default_out_dtype(meta):
-    """The input's dtype; float32 when the input is scaled (its integers are
-    not the values) or float."""
+    """The input's dtype; float32 for float input (float64 for float64)."""
     if meta.scaled or np.issubdtype(meta.raw_dtype, np.floating):
         return np.dtype(np.float32) if meta.raw_dtype.itemsize <= 4 else np.dtype(np.float64)
     return meta.raw_dtype

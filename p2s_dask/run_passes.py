@@ -13,13 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import logging
+from dataclasses import dataclass
 
 import dask
 import numpy as np
 
 from . import __version__, engine
 from .core.layout import rows_order
-from .core.postprocess import intensity_shift
+from .core.postprocess import fit_slope, intensity_shift, outside_range
 from .errors import DataError, InputError
 from .io import nifti_to_zarr, open_dwi
 from .io.malloc import reuse_freed_memory
@@ -31,6 +33,8 @@ from .plan import region_key
 from .sinks import NiftiDirectSink, NiftiViaZarrSink, ZarrSink
 from .validate import describe_nonfinite
 from .workstore import stats_from_arrays, stats_to_arrays
+
+logger = logging.getLogger("p2s_dask")
 
 # seconds to wait after each output chunk: lets tests interrupt a run mid-way
 CHUNK_DELAY_ENV = "P2S_DASK_CHUNK_DELAY"
@@ -50,10 +54,13 @@ def execute(run, plan, work, executor, report) -> None:
         fitted = engine.fit_models(summary, run.groups, run.radius, run.model,
                                    run.opts.alpha, run.calc_dtype)
     with timed("minima", work):
-        shift = minima(run, arr, fitted, work, executor, report)
+        post = post_processing(run, arr, fitted, work, executor, report)
     with timed("predict", work):
-        sink = make_sink(run, plan, work)
-        predict(run, plan, arr, fitted, shift, sink, work, executor, report)
+        sink = make_sink(run, plan, work, post.slope)
+        clipped = predict(run, plan, arr, fitted, post, sink, work, executor, report)
+    if clipped:
+        logger.warning("%d denoised values fell outside the range of %s and were "
+                       "clipped to it", clipped, run.out_dtype)
     with timed("output", work), _errors("writing the output"):
         if run.out_kind == "nifti":
             # the sidecars first: until the image is renamed into place
@@ -172,26 +179,49 @@ def statistics(run, arr, work, executor, report):
     return summary
 
 
-def minima(run, arr, fitted, work, executor, report):
-    """Pass 2: the per-volume shift (None without ``shift_intensity``)."""
-    if not run.shift:
-        return None
-    saved = work.load_arrays("minima.npz")
+@dataclass
+class Post:
+    """What the prediction pass does after the products: the per-volume
+    shift, the scale of a scaled integer output (its ``scl_slope``), and
+    whether values may fall outside an integer output (then they are
+    counted as they are clipped)."""
+
+    shift: object = None
+    slope: float = 1.0
+    count_outside: bool = False
+
+
+def post_processing(run, arr, fitted, work, executor, report) -> Post:
+    """Pass 2 (when needed): the prediction's per-volume range, from which
+    the shift, the output's slope and the clipping forecast follow."""
+    integer = np.issubdtype(run.out_dtype, np.integer)
+    if not (run.shift or run.fit_scale):
+        return Post(count_outside=integer)  # no range known: count as we go
+    saved = work.load_arrays("range.npz")
     if saved is not None:
         report.resumed.append("minima")
-        pred_min = saved["minima"]
+        lowest, highest = saved["range"]
     else:
-        graph = engine.prediction_minima(arr, fitted, run.radius)
+        graph = (engine.prediction_range if integer else engine.prediction_minima)(
+            arr, fitted, run.radius)
         with _errors("computing the minima"):
-            pred_min = np.asarray(executor.compute(graph, "minima", run.opts.progress),
-                                  np.float64)
-        work.save_arrays("minima.npz", minima=pred_min)
-    return intensity_shift(fitted.minima, pred_min)
+            both = np.asarray(executor.compute(graph, "minima", run.opts.progress), float)
+        lowest, highest = both if integer else (both, np.full_like(both, np.inf))
+        work.save_arrays("range.npz", range=np.stack([lowest, highest]))
+    shift = intensity_shift(fitted.minima, lowest) if run.shift else None
+    if shift is not None:
+        lowest, highest = lowest + shift, highest + shift
+    if run.clip:
+        lowest, highest = np.maximum(lowest, 0), np.maximum(highest, 0)
+    if not integer:
+        return Post(shift)
+    slope = fit_slope(lowest.min(), highest.max(), run.out_dtype) if run.fit_scale else 1.0
+    return Post(shift, slope, outside_range(lowest, highest, run.out_dtype, 1 / slope))
 
 
-def make_sink(run, plan, work):
+def make_sink(run, plan, work, slope=1.0):
     """The sink of the plan's output mode."""
-    out_meta = run.meta.for_values(run.out_dtype, run.shape)
+    out_meta = run.meta.for_values(run.out_dtype, run.shape, slope=slope)
     so = run.opts.storage_options
     if plan.output_mode == "nifti-direct":
         return NiftiDirectSink(run.out, work, out_meta)
@@ -202,8 +232,9 @@ def make_sink(run, plan, work):
                             progress=run.opts.progress)
 
 
-def predict(run, plan, arr, fitted, shift, sink, work, executor, report):
-    """Pass 3: every chunk not yet done, predicted and written by the sink."""
+def predict(run, plan, arr, fitted, post, sink, work, executor, report) -> int:
+    """Pass 3: every chunk not yet done, predicted and written by the sink.
+    Returns how many values the cast to an integer output clipped."""
     done = work.done_regions()
     with _errors("creating the output"):
         resumed = sink.create(resume=bool(done))
@@ -213,18 +244,18 @@ def predict(run, plan, arr, fitted, shift, sink, work, executor, report):
         done = set()
     work.makedirs("done")
     executor.require_shared_files(_shared_files(sink))
-    tasks = _write_tasks(plan, arr, fitted, run.radius, shift, run.clip, run.out_dtype,
-                         sink, work, done)
+    tasks = _write_tasks(plan, arr, fitted, run, post, sink, work, done)
     if done:
         report.resumed.append(f"{len(done)} output chunks")
     try:
         with _errors("writing the output"):
-            if tasks:
-                executor.compute(tasks, "predict", run.opts.progress)
+            counts = executor.compute(tasks, "predict", run.opts.progress) if tasks else []
             sink.finish(executor)
     except BaseException:
         sink.abort(executor)
         raise
+    earlier = work.done_counts(done) if (done and post.count_outside) else 0
+    return int(sum(counts)) + earlier
 
 
 def _shared_files(sink):
@@ -234,27 +265,31 @@ def _shared_files(sink):
     return [os.path.join(local_path(url), "zarr.json")]
 
 
-def _write_chunk(block, region, fitted, radius, shift, clip, dtype, sink, work, key):
+def _write_chunk(block, region, fitted, radius, post, clip, dtype, sink, work, key):
     # a volume-major block predicts straight into the writer's layout
     buffer = sink.buffer(region, dtype) if rows_order(block) == "F" else None
-    out = engine.predict_chunk(block, fitted, radius, shift, clip, dtype, out=buffer)
+    counter = engine.Outside(dtype) if post.count_outside else None
+    scale = None if post.slope == 1.0 else 1.0 / post.slope
+    out = engine.predict_chunk(block, fitted, radius, post.shift, clip, dtype, out=buffer,
+                               scale=scale, counter=counter)
+    clipped = 0 if counter is None else counter.count
     # the marker goes after the data: a marked chunk is always fully written
-    sink.write(region, out, lambda: work.mark_done(key))
+    sink.write(region, out, lambda: work.mark_done(key, clipped))
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
-    return key
+    return clipped
 
 
-def _write_tasks(plan, arr, fitted, radius, shift, clip, dtype, sink, work, done):
+def _write_tasks(plan, arr, fitted, run, post, sink, work, done):
     """One task per chunk of the plan whose region is not done yet."""
-    blocks = engine.with_halo(arr, radius).to_delayed()
+    blocks = engine.with_halo(arr, run.radius).to_delayed()
     fitted_d = dask.delayed(fitted)
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
     for idx, region in plan.regions():
         key = region_key(region)
         if key not in done:
-            tasks.append(write(blocks[idx + (0,)], region, fitted_d, radius, shift, clip,
-                               dtype, sink, work, key))
+            tasks.append(write(blocks[idx + (0,)], region, fitted_d, run.radius, post,
+                               run.clip, run.out_dtype, sink, work, key))
     return tasks

@@ -226,9 +226,20 @@ class WorkStore:
             return {os.path.basename(p.rstrip("/"))
                     for p in self.fs.ls(self._p("done"), detail=False)}
 
-    def mark_done(self, key: str) -> None:
+    def mark_done(self, key: str, clipped: int = 0) -> None:
+        """Record a finished output region (and how many values its cast
+        clipped, so that a resumed run still reports them all)."""
         with user_errors(self.url, "writing"):
-            self.fs.pipe(self._p(f"done/{key}"), b"")
+            self.fs.pipe(self._p(f"done/{key}"), str(int(clipped)).encode())
+
+    def done_counts(self, keys) -> int:
+        """The clipped values recorded with these finished regions."""
+        total = 0
+        with user_errors(self.url, "reading"):
+            for key in keys:
+                text = self.fs.cat_file(self._p(f"done/{key}")).decode() or "0"
+                total += int(text) if text.strip().isdigit() else 0
+        return total
 
 
 def stats_to_arrays(stats: list, minima) -> dict:

@@ -224,7 +224,8 @@ def test_storage_options_reach_workers(cluster, small_dwi, local_result, tmp_pat
                      "--storage-options", json.dumps(options)]) == 0, cluster.logs()
         fs.invalidate_cache()
         # no work store left
-        assert fs.find(f"{BUCKET}/out") == [f"{BUCKET}/out/den.nii.gz"]
+        assert fs.find(f"{BUCKET}/out") == [f"{BUCKET}/out/den{e}" for e in
+                                            (".bval", ".bvec", ".json", ".nii.gz")]
         fs.get(f"{BUCKET}/out/den.nii.gz", str(tmp_path / "den.nii.gz"))
     finally:
         server.stop()

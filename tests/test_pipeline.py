@@ -77,15 +77,56 @@ def test_zarr_paths_equal_api(dataset, tmp_path, radius):
     np.testing.assert_array_equal(meta.bvals, bvals)
 
 
-def test_default_dtype_and_nifti_roundtrip(dataset, tmp_path):
+@pytest.mark.parametrize("suffix", [".nii.gz", ".zarr"])
+def test_scaled_int16_comes_back_as_int16_with_a_slope(dataset, tmp_path, suffix):
+    """Scaled int16 input: int16 output with a fitted scl_slope (as nibabel
+    writes it), within one quantum of the float result."""
+    path, bvals = dataset
+    out = tmp_path / f"den{suffix}"
+    assert cli("denoise", path, out) == 0
+    api = patch2self(nib.load(path).get_fdata(), bvals, out_dtype=np.float64)
+    if suffix == ".zarr":
+        from p2s_dask.io import open_dwi_array
+        raw, meta = open_dwi_array(out)
+        raw, slope, inter, dtype = raw[...], meta.slope, meta.inter, meta.raw_dtype
+    else:
+        img = nib.load(out)
+        raw, dtype = np.asanyarray(img.dataobj.get_unscaled()), img.get_data_dtype()
+        slope, inter = img.dataobj.slope, img.dataobj.inter
+    assert dtype == np.int16 and slope != 1.0 and inter == 0.0
+    # the slope uses the type's range: the largest value is near 32767
+    assert 30000 < np.abs(raw).max() <= 32767
+    values = raw * slope + inter
+    assert np.abs(values - api).max() <= 0.5 * slope * (1 + 1e-6)
+
+
+def test_float_output_on_request(dataset, tmp_path):
     path, bvals = dataset
     out = tmp_path / "den.nii.gz"
-    assert cli("denoise", path, out) == 0
+    assert cli("denoise", path, out, "--out-dtype", "float32") == 0
     img = nib.load(out)
-    assert img.get_data_dtype() == np.float32  # scaled int16 input
+    assert img.get_data_dtype() == np.float32
     api = patch2self(nib.load(path).get_fdata(), bvals, out_dtype=np.float32)
     np.testing.assert_allclose(np.asanyarray(img.dataobj), api, rtol=1e-5,
                                atol=1e-5 * np.abs(api).max())
+
+
+def test_clipping_is_counted_and_said(dataset, tmp_path, capsys):
+    """--out-dtype int8 of data in the thousands: every value clips, and the
+    warning says how many (also when the run resumed part of them)."""
+    path, bvals = dataset
+    out = tmp_path / "den.nii"
+    assert main([str(path), str(out)][:0] + ["denoise", str(path), str(out), "--out-dtype",
+                                             "int8", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    n = int(np.prod(nib.load(path).shape))
+    api = patch2self(nib.load(path).get_fdata(), bvals, out_dtype=np.float64)
+    expected = int(np.count_nonzero((api < -128.5) | (api > 127.5)))
+    assert expected > 0.9 * n
+    assert f"{expected} denoised values fell outside the range of int8" in err
+    # no warning where nothing clips
+    assert cli("denoise", path, tmp_path / "ok.nii", "--out-dtype", "int32") == 0
+    assert "outside the range" not in capsys.readouterr().err
 
 
 def test_refuses_to_overwrite(dataset, tmp_path, capsys):

@@ -31,7 +31,7 @@ def test_output_sidecars(tmp_path):
     assert side["EchoTime"] == 0.089 and side["PhaseEncodingDirection"] == "j-"
     assert side["Sources"] == [str(inp)]
     assert side["P2SDask"]["Options"]["model"] == "ols"
-    assert side["P2SDask"]["Options"]["out_dtype"] == "float32"
+    assert side["P2SDask"]["Options"]["out_dtype"] == "int16"  # scaled int16 in
 
 
 def test_convert_keeps_gradients_both_ways(tmp_path):

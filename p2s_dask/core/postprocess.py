@@ -89,3 +89,33 @@ def _int_bounds(float_dtype, int_dtype):
     if int(hi) > info.max:
         hi = np.nextafter(hi, ftype.type(0))
     return ftype.type(info.min), ftype.type(hi)
+
+
+def fit_slope(lowest: float, highest: float, dtype) -> float:
+    """``scl_slope`` that fits values in ``[lowest, highest]`` into integer
+    ``dtype`` (intercept 0, as nibabel writes scaled data where it can).
+
+    One quantum of the output is the slope: values are stored as
+    ``rint(value / slope)``. The slope is a float32 (NIfTI-1 headers store
+    it so), rounded up so that the largest value still fits.
+    """
+    info = np.iinfo(dtype)
+    top = max(abs(float(highest)), abs(float(lowest)) if info.min < 0 else 0.0)
+    if info.min == 0 and float(lowest) < 0:
+        # an unsigned type cannot hold negatives with intercept 0; they clip
+        top = max(float(highest), 0.0)
+    if not top > 0 or not np.isfinite(top):
+        return 1.0
+    slope = np.float32(top / info.max)
+    if float(slope) < top / info.max:
+        slope = np.nextafter(slope, np.float32(np.inf))
+    return float(slope)
+
+
+def outside_range(lowest, highest, dtype, scale=1.0) -> bool:
+    """Whether values in ``[lowest, highest]`` times ``scale`` round outside
+    integer ``dtype`` (then the cast clips some)."""
+    info = np.iinfo(dtype)
+    lo = np.min(np.asarray(lowest, np.float64)) * scale
+    hi = np.max(np.asarray(highest, np.float64)) * scale
+    return bool(lo < info.min - 0.5 or hi > info.max + 0.5)

@@ -88,9 +88,18 @@ def prediction_minima(block: np.ndarray, radius, model: LinearModel,
     ``fl(min(y) + b)``: the intercept is added once per volume, not once per
     voxel, and the result is the same bit for bit.
     """
+    return prediction_range(block, radius, model, max_bytes, dtype, highest=False)[0]
+
+
+def prediction_range(block: np.ndarray, radius, model: LinearModel,
+                     max_bytes: int = 4 * 2**20, dtype=np.float64,
+                     highest: bool = True) -> np.ndarray:
+    """Per-volume ``(minimum, maximum)``, shape ``(2, n_out)``, as
+    :func:`prediction_minima` (the maximum only when ``highest``; else inf)."""
     dtype = np.dtype(dtype)
     intercept = np.asarray(model.intercept, np.float64).astype(dtype)
     lowest = np.full(model.n_volumes, np.inf, dtype=dtype)
+    top = np.full(model.n_volumes, -np.inf, dtype=dtype)
     rows, order = voxel_rows(block) if not any(radius) else (None, None)
     if rows is not None:
         pieces = _row_products(rows, order, model, max_bytes, dtype)
@@ -99,7 +108,9 @@ def prediction_minima(block: np.ndarray, radius, model: LinearModel,
         pieces = _patch_products(block, radius, model, shape, max_bytes, dtype)
     for _, y in pieces:
         np.minimum(lowest, y.min(axis=0), out=lowest)
-    return (lowest + intercept).astype(np.float64)
+        if highest:
+            np.maximum(top, y.max(axis=0), out=top)
+    return np.stack([lowest + intercept, top + intercept]).astype(np.float64)
 
 
 def _patch_products(block, radius, model, shape, max_bytes, dtype):

@@ -231,17 +231,21 @@ class DwiMeta:
         hdr.set_xyzt_units("mm", "sec")
         return cls.from_header(hdr, None, bvals, bvecs)
 
-    def for_values(self, dtype, shape=None) -> DwiMeta:
+    def for_values(self, dtype, shape=None, slope=1.0, inter=0.0) -> DwiMeta:
         """Meta for new values (e.g. denoised) on the same grid.
 
-        The header gets the new dtype and shape and no scaling (slope 1,
-        intercept 0); everything else, extensions included, is kept.
+        The header gets the new dtype and shape and the given scaling (none
+        by default: slope 1, intercept 0); everything else, extensions
+        included, is kept.
 
         Parameters
         ----------
         dtype : numpy dtype
         shape : tuple of 4 ints, optional
             Default: this meta's shape. Only the number of volumes may differ.
+        slope, inter : float, optional
+            ``scl_slope``/``scl_inter`` of the new values (values are
+            ``raw * slope + inter``).
 
         Returns
         -------
@@ -258,15 +262,15 @@ class DwiMeta:
             raise InputError(f"data type {dtype} cannot be stored in NIfTI") from None
         if shape != self.shape:
             hdr.set_data_shape(shape)
-        hdr.set_slope_inter(1.0, 0.0)
+        hdr.set_slope_inter(float(slope), float(inter))
         bvals, bvecs = (self.bvals, self.bvecs) if shape[3] == self.shape[3] else (None, None)
         return dataclasses.replace(
             self,
             header=bytes(hdr.binaryblock),
             shape=shape,
             raw_dtype=dtype,
-            slope=1.0,
-            inter=0.0,
+            slope=float(slope),
+            inter=float(inter),
             bvals=bvals,
             bvecs=bvecs,
         )
