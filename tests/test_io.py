@@ -30,7 +30,6 @@ from p2s_dask.io import (
     zarr_to_nifti,
 )
 from p2s_dask.io.budget import plan
-from p2s_dask.io.gzip_writer import GzipWriter
 from p2s_dask.io.layout import to_c_order, to_f_order
 from p2s_dask.io.urls import describe_error, fs_and_path
 
@@ -198,18 +197,6 @@ def test_layout(shape):
     assert c.flags.c_contiguous and f.flags.f_contiguous and f.dtype == np.dtype(">i2")
     np.testing.assert_array_equal(c, a)
     np.testing.assert_array_equal(f, a)
-
-
-@pytest.mark.parametrize("pieces", [[], [b"abc"], [os.urandom(3 << 20)],
-                                    [b"x" * 100, os.urandom((1 << 20) - 50), b"y" * 3000]])
-def test_gzip_writer(tmp_path, pieces):
-    path = tmp_path / "out.gz"
-    with open(path, "wb") as f:
-        writer = GzipWriter(f, level=1, workers=2)
-        for piece in pieces:
-            writer.write(piece)
-        writer.close()
-    assert gzip.decompress(path.read_bytes()) == b"".join(pieces)
 
 
 def test_plan_fits_memory():
