@@ -3,30 +3,72 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
+import warnings
 
 import dask.array as da
 import numpy as np
 
 from . import engine, inmemory
-from .core.postprocess import resolve_postprocess
+from .core.patches import patch_size
 from .errors import InputError
 from .groups import make_groups
 from .threads import single_threaded_blas
-from .validate import (check_bvals, check_finite, check_options, check_precision,
-                       check_shape)
+from .validate import (check_bvals, check_finite, check_fit_size, check_options,
+                       check_precision, check_shape, check_tmp_dir)
 
 logger = logging.getLogger("p2s_dask")
 
+# DIPY 1.12.1's keyword-only options, in its order: its decorator
+# (``warning_for_keywords``) still takes them positionally after data and
+# bvals, with a UserWarning; so does this.
+DIPY_POSITIONAL = ("patch_radius", "model", "b0_threshold", "out_dtype", "alpha",
+                   "verbose", "b0_denoising", "clip_negative_vals", "shift_intensity",
+                   "tmp_dir", "version")
+# a warning raised in a helper of _denoise names the user's line: helper,
+# _denoise, patch2self, the positional wrapper, the user
+_USER_FRAME = 5
 
+
+def _dipy_positional(func):
+    """Accept DIPY's options positionally, warning as DIPY does.
+
+    The warning is a ``UserWarning`` that starts like DIPY's ("Pass
+    ['patch_radius'] as keyword args."), so a filter or ``pytest.warns``
+    written for DIPY matches it. Unlike DIPY, more positional arguments than
+    DIPY has options, or an option given both ways, raise ``TypeError``
+    (DIPY drops the extra ones, and lets the positional value win).
+    """
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        extra = args[2:]
+        if not extra:
+            return func(*args, **kwargs)
+        if len(extra) > len(DIPY_POSITIONAL):
+            raise TypeError(f"patch2self() takes at most {2 + len(DIPY_POSITIONAL)} "
+                            f"positional arguments; got {len(args)}")
+        names = list(DIPY_POSITIONAL[:len(extra)])
+        twice = [n for n in names if n in kwargs]
+        if twice:
+            raise TypeError(f"patch2self() got multiple values for argument {twice[0]!r}")
+        warnings.warn(f"Pass {names} as keyword args. Passing DIPY's options "
+                      "positionally is deprecated there and will be an error from DIPY "
+                      "2.0.0.", UserWarning, stacklevel=2)
+        return func(*args[:2], **dict(zip(names, extra)), **kwargs)
+    return wrapper
+
+
+@_dipy_positional
 def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold=50,
                out_dtype=None, alpha=1.0, verbose=False, b0_denoising=True,
                clip_negative_vals=False, shift_intensity=True, tmp_dir=None,
-               version=3, mask=None, groups=None, chunks=None, precision=None):
+               version=3, gram=True, mask=None, groups=None, chunks=None,
+               precision=None):
     """Patch2Self denoising of a 4D diffusion MRI array, exact and chunked.
 
-    Same arguments and defaults as DIPY 1.12.1's ``patch2self``. Each volume is
+    Same arguments and defaults as DIPY's ``patch2self``. Each volume is
     predicted by a linear regression on the patches of the other volumes of
     its group (b0 and diffusion-weighted volumes separately), solved exactly
     from one pass of sufficient statistics.
@@ -39,17 +81,25 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
     bvals : array-like, shape (n,)
     patch_radius : int or sequence of 3 ints, optional
         Patch radius in voxels; voxels beyond the image border count as 0.
-    model : {'ols', 'ridge', 'lasso'}, optional
+    model : {'ols', 'ridge', 'lasso'} or scikit-learn estimator, optional
+        A name, or a scikit-learn ``LinearRegression``, ``Ridge``, ``Lasso``
+        or ``ElasticNet``, fitted with its own parameters (``alpha``,
+        ``fit_intercept``; ``max_iter`` and ``tol`` of the coordinate
+        descent). 'lasso' is the converged lasso; DIPY stops its lasso after
+        50 iterations, which ``model=Lasso(alpha=alpha, max_iter=50)``
+        reproduces.
     b0_threshold : float, optional
         Volumes with ``bval <= b0_threshold`` are the b0 group.
     out_dtype : dtype, optional
         Output dtype; default the input's. Integer outputs are rounded and
         clipped to the type's range (DIPY truncates and may wrap).
     alpha : float, optional
-        Penalty for 'ridge' (on the centred sum of squares, as scikit-learn's
-        ``Ridge``) and 'lasso' (scikit-learn's ``Lasso`` scaling).
+        Penalty of a named 'ridge' (on the centred sum of squares, as
+        scikit-learn's ``Ridge``) and 'lasso' (scikit-learn's ``Lasso``
+        scaling); an estimator's own ``alpha`` is used instead.
     verbose : bool, optional
-        Show a progress bar and the time taken.
+        Log the progress and the time taken (logger ``p2s_dask``, INFO) for
+        this call; nothing is printed.
     b0_denoising : bool, optional
         If False, b0 volumes are passed through unchanged.
     clip_negative_vals : bool, optional
@@ -59,12 +109,16 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
         original volume's minimum. With ``clip_negative_vals`` too, a warning
         is given and only clipping is done (as in DIPY).
     tmp_dir : str, optional
-        Accepted for compatibility; nothing is written to disk here.
+        Checked as DIPY checks it (refused with version 1, must exist with
+        version 3); nothing is written to disk here.
     version : {1, 3}, optional
         DIPY's version 1 is the exact regression with any patch radius;
         version 3 fits on a random sketch of 30% of the voxels with
         ``patch_radius=0``. Both give the exact solution here: version 3 is
         accepted and solved exactly (it still requires ``patch_radius=0``).
+    gram : bool, optional
+        DIPY's choice between a shared Gram matrix and per-volume fits;
+        accepted for compatibility, the result does not depend on it.
     mask : array-like of bool, shape (x, y, z), optional
         Fit the regressions on these voxels only; all voxels are predicted.
     groups : array-like of int, shape (n,), optional
@@ -85,48 +139,111 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
     ndarray or dask.array.Array
         The denoised data, shape of ``data``.
     """
+    with _verbose_log(verbose):
+        return _denoise(
+            data, bvals, patch_radius=patch_radius, model=model,
+            b0_threshold=b0_threshold, out_dtype=out_dtype, alpha=alpha,
+            b0_denoising=b0_denoising, clip_negative_vals=clip_negative_vals,
+            shift_intensity=shift_intensity, tmp_dir=tmp_dir, version=version,
+            mask=mask, groups=groups, chunks=chunks, precision=precision)
+
+
+def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha,
+             b0_denoising, clip_negative_vals, shift_intensity, tmp_dir, version,
+             mask, groups, chunks, precision):
+    """Validate (one line per problem, before any work), then run."""
     shape = tuple(data.shape)
     check_shape(shape)
     radius, model, out_dtype = check_options(
         patch_radius=patch_radius, model=model, alpha=alpha, version=version,
         out_dtype=out_dtype)
-    bvals = check_bvals(bvals, shape[3])
+    check_tmp_dir(tmp_dir, version)
+    bvals = check_bvals(bvals, shape[3], stacklevel=_USER_FRAME)
     group_list = make_groups(bvals, shape[3], b0_threshold=b0_threshold,
                              b0_denoising=b0_denoising, groups=groups)
-    shift, clip = resolve_postprocess(shift_intensity, clip_negative_vals)
-    if out_dtype is None:
-        out_dtype = np.dtype(data.dtype)
+    shift, clip = _postprocess(shift_intensity, clip_negative_vals)
+    out_dtype = np.dtype(data.dtype) if out_dtype is None else out_dtype
     calc_dtype = check_precision(precision, data.dtype, out_dtype)
-    if mask is not None:
-        if tuple(mask.shape) != shape[:3]:
-            raise InputError(
-                f"mask has shape {tuple(mask.shape)} but the data's spatial shape "
-                f"is {shape[:3]}")
-    lazy = isinstance(data, da.Array)
+    n_fit = _fitting_voxels(mask, shape)
+    check_fit_size(group_list, n_fit, patch_size(radius), model, alpha,
+                   stacklevel=_USER_FRAME)
     options = dict(model=model, alpha=alpha, mask=mask, shift_intensity=shift,
                    clip_negative_vals=clip, calc_dtype=calc_dtype)
-    if lazy:
+    _log_plan(shape, group_list, radius, model, n_fit)
+    if isinstance(data, da.Array):
         arr = engine.as_chunked(data, chunks, radius)
         return engine.denoise(arr, group_list, radius, out_dtype=out_dtype, **options)
-
     data = np.asarray(data)
     check_finite(data)
     out = np.empty(shape, dtype=out_dtype)
     start = time.perf_counter()
     # tasks return their values and this process writes them into `out`: a
     # task may run in a worker process, which cannot reach `out`
-    with _progress(verbose), single_threaded_blas():
+    with single_threaded_blas():
         inmemory.denoise_into(data, out, group_list, radius, chunks=chunks,
-                            check_finite=False, **options)
-    if verbose:
-        elapsed = time.perf_counter() - start
-        logger.info("Patch2Self denoised %s in %.2f s", shape, elapsed)
-        print(f"p2s_dask: denoised {shape} in {elapsed:.2f} s")
+                              check_finite=False, **options)
+    logger.info("Patch2Self denoised %s in %.2f s", shape, time.perf_counter() - start)
     return out
 
 
-def _progress(verbose):
+def _postprocess(shift_intensity, clip_negative_vals):
+    """``(shift, clip)``: both asked for warns as DIPY does and only clips.
+
+    The message starts like DIPY's, so the filter in DIPY's own tests
+    ("Both `clip_negative_vals` and `shift_intensity` .*") applies to it.
+    """
+    if shift_intensity and clip_negative_vals:
+        warnings.warn("Both `clip_negative_vals` and `shift_intensity` are True: "
+                      "clipping negative values and not shifting intensities",
+                      UserWarning, stacklevel=_USER_FRAME)
+        return False, True
+    return bool(shift_intensity), bool(clip_negative_vals)
+
+
+def _fitting_voxels(mask, shape) -> int:
+    """How many voxels the regressions are fitted on."""
+    if mask is None:
+        return int(np.prod(shape[:3]))
+    if tuple(np.shape(mask)) != shape[:3]:
+        raise InputError(f"mask has shape {tuple(np.shape(mask))} but the data's "
+                         f"spatial shape is {shape[:3]}")
+    return int(np.count_nonzero(np.asarray(mask)))
+
+
+def _log_plan(shape, group_list, radius, model, n_fit) -> None:
+    """What is about to be done, one line per group (INFO)."""
+    p = patch_size(radius)
+    for g in group_list:
+        if g.denoise:
+            logger.info("Patch2Self: %s group, %d volumes of %s, %d regressors each, "
+                        "model %s, fitted on %d voxels", g.name, len(g.indices),
+                        shape[:3], (len(g.indices) - 1) * p,
+                        getattr(model, "label", model), n_fit)
+
+
+@contextlib.contextmanager
+def _verbose_log(verbose):
+    """``verbose=True`` shows this call's INFO records of the ``p2s_dask`` log.
+
+    DIPY logs its progress when verbose; so does this, through ``logging``
+    only. An application's own configuration is left alone: the level is
+    lowered to INFO only where none was set, and a stderr handler is added
+    only where no handler would receive the records.
+    """
     if not verbose:
-        return contextlib.nullcontext()
-    from dask.diagnostics import ProgressBar
-    return ProgressBar()
+        yield
+        return
+    level = logger.level
+    if level == logging.NOTSET and logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    handler = None
+    if not logger.hasHandlers():
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if handler is not None:
+            logger.removeHandler(handler)

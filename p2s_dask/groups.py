@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,9 @@ def make_groups(bvals, n_volumes: int, *, b0_threshold=50, b0_denoising=True,
     Returns
     -------
     list of Group
-        Groups of one volume are passed through, with a warning.
+        Groups of one volume are passed through. As in DIPY, which skips a
+        single b0 silently (a line in its log when verbose), this is not a
+        warning: one line goes to the ``p2s_dask`` log, at INFO.
     """
     if groups is not None:
         labels = np.asarray(groups)
@@ -66,11 +70,12 @@ def make_groups(bvals, n_volumes: int, *, b0_threshold=50, b0_denoising=True,
     checked = []
     for g in out:
         if g.denoise and len(g.indices) < 2:
-            warnings.warn(
-                f"the {g.name} group has a single volume (index {g.indices[0]}): "
-                "it cannot be regressed on other volumes and is passed through "
-                "unchanged", UserWarning, stacklevel=3,
-            )
+            logger.info("%s denoising skipped: the %s group has a single volume (index "
+                        "%d), which cannot be regressed on other volumes; passed "
+                        "through unchanged", g.name, g.name, g.indices[0])
             g = Group(g.name, g.indices, denoise=False)
+        elif not g.denoise:
+            logger.info("%s denoising skipped: its %d volume(s) are passed through "
+                        "unchanged", g.name, len(g.indices))
         checked.append(g)
     return checked

@@ -154,6 +154,9 @@ class Options:
         "--log-file", "also write the log to this file (default: stderr only)", api=False,
         aliases=("--log_file",), metavar="FILE"))
     progress: bool = field(default=True, metadata=_opt(None, "show progress", api=False))
+    # DIPY main's keyword: how DIPY forms its normal equations; ours always
+    # come from the statistics, so the result does not depend on it
+    gram: object = field(default=None, metadata=_opt(None, "accepted for DIPY"))
 
     def result_fields(self) -> dict:
         """The options that change the result, as plain JSON values."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from pathlib import Path
 
 import numpy as np
 
 from .core.patches import normalize_radius
-from .core.solve import MODELS
+from .core.solve import MODELS, as_solver, interpolates
 from .errors import InputError
+from .estimators import accepted, is_estimator, solver_from_estimator
 from .options import spell, spell_value
 
 
@@ -24,8 +26,13 @@ def check_shape(shape) -> None:
         raise InputError(f"data has an empty axis: shape {tuple(shape)}")
 
 
-def check_bvals(bvals, n_volumes: int) -> np.ndarray:
-    """bvals must be finite numbers, one per volume."""
+def check_bvals(bvals, n_volumes: int, *, stacklevel: int = 3) -> np.ndarray:
+    """bvals must be finite numbers, one per volume.
+
+    Fewer than 10 volumes warns as DIPY does (``UserWarning``, with the words
+    "less than 10 3D volumes" that DIPY's tests match); ``stacklevel`` points
+    the warning at the user's call.
+    """
     arr = np.asarray(bvals, dtype=np.float64).ravel()
     if arr.size != n_volumes:
         raise InputError(
@@ -38,25 +45,20 @@ def check_bvals(bvals, n_volumes: int) -> np.ndarray:
         raise InputError(f"{spell('bvals')} must be >= 0; value {arr[first]:g} at index {first}")
     if n_volumes < 10:
         warnings.warn(
-            f"the data has {n_volumes} volumes (fewer than 10): Patch2Self "
-            "may not denoise well", UserWarning, stacklevel=3,
+            f"The input data has less than 10 3D volumes ({n_volumes}): with fewer "
+            "than 10, Patch2Self may not denoise well", UserWarning, stacklevel=stacklevel,
         )
     return arr
 
 
 def check_options(*, patch_radius, model, alpha, version, out_dtype):
-    """Validate the scalar options; return ``(radius, model, out_dtype)``."""
+    """Validate the scalar options; return ``(radius, model, out_dtype)``.
+
+    ``model`` comes back as a lower-case name, or as a
+    :class:`~p2s_dask.core.solve.Solver` for a scikit-learn estimator.
+    """
     radius = normalize_radius_or_raise(patch_radius)
-    if not isinstance(model, str):
-        raise InputError(
-            f"{spell('model')} must be one of 'ols', 'ridge', 'lasso' (p2s_dask solves from "
-            f"sufficient statistics and cannot use estimator objects); got {model!r}"
-        )
-    model = model.lower()
-    if model not in MODELS:
-        raise InputError(
-            f"unknown {spell('model')} {model!r}: use one of 'ols', 'ridge', 'lasso'"
-        )
+    model = check_model(model)
     if not isinstance(alpha, numbers.Real) or not np.isfinite(alpha) or alpha < 0:
         raise InputError(f"{spell('alpha')} must be a finite number >= 0; got {alpha!r}")
     if version not in (1, 3):
@@ -74,6 +76,61 @@ def check_options(*, patch_radius, model, alpha, version, out_dtype):
         if not (np.issubdtype(out_dtype, np.number) or out_dtype == np.bool_):
             raise InputError(f"{spell('out_dtype')} must be numeric; got {out_dtype}")
     return radius, model, out_dtype
+
+
+def check_model(model):
+    """A model name (any case) or a supported scikit-learn estimator."""
+    if isinstance(model, str):
+        name = model.lower()
+        if name not in MODELS:
+            # a command line takes names only: estimators are the API's
+            names = "'ols', 'ridge' or 'lasso'"
+            use = names if spell("model").startswith("-") else accepted()
+            raise InputError(f"unknown {spell('model')} {model!r}: use {use}")
+        return name
+    if is_estimator(model):
+        return solver_from_estimator(model)
+    raise InputError(f"{spell('model')} must be {accepted()}; got {model!r}")
+
+
+def check_tmp_dir(tmp_dir, version) -> None:
+    """``tmp_dir`` as DIPY checks it (nothing is written there by the API).
+
+    DIPY refuses a ``tmp_dir`` with version 1 and one that does not exist
+    with version 3, both with ``ValueError``; so does this (``InputError``).
+    """
+    if tmp_dir is None:
+        return
+    if version == 1:
+        raise InputError(f"{spell('tmp_dir')} is not supported for Patch2Self version 1 "
+                         f"(as in DIPY): leave it None or use {spell_value('version', 3)}")
+    if not Path(tmp_dir).exists():
+        raise InputError(f"{spell('tmp_dir')}: the temporary directory {str(tmp_dir)!r} "
+                         "does not exist")
+
+
+def check_fit_size(groups, n_fit: int, patch_size: int, model, alpha=1.0, *,
+                   stacklevel: int = 3) -> None:
+    """Warn when least squares has as many regressors as fitting voxels.
+
+    With ``N`` fitting voxels the centred features span at most ``N - 1``
+    dimensions; a volume regressed on ``(m - 1) P >= N - 1`` of them is fitted
+    exactly, noise included, so the denoised volume equals the input on the
+    fitting voxels. DIPY is silent here; it is worth one warning.
+    """
+    if not interpolates(model, alpha):
+        return
+    # centring takes one dimension; without an intercept all N are free
+    free = n_fit - 1 if as_solver(model, alpha).fit_intercept else n_fit
+    for g in groups:
+        regressors = (len(g.indices) - 1) * patch_size
+        if g.denoise and free <= regressors:
+            warnings.warn(
+                f"the {g.name} group is fitted on {n_fit} voxels with {regressors} "
+                "regressors per volume: least squares interpolates the noise and the "
+                f"denoised {g.name} volumes equal the input on those voxels; fit on "
+                f"more voxels, a smaller {spell('patch_radius')} or "
+                f"{spell_value('model', 'ridge')}", UserWarning, stacklevel=stacklevel)
 
 
 PRECISIONS = ("auto", "float32", "float64")

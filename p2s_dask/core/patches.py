@@ -42,7 +42,8 @@ def normalize_radius(patch_radius) -> tuple[int, int, int]:
         values = np.repeat(values, 3)
     if values.size != 3:
         raise ValueError(
-            f"patch_radius must be one int or three ints, got {patch_radius!r}"
+            "patch_radius must be a scalar or a 3-element array (one int or three "
+            f"ints); got {patch_radius!r}"
         )
     out = []
     for v in values:
@@ -51,8 +52,8 @@ def normalize_radius(patch_radius) -> tuple[int, int, int]:
             is_int = True
         if not is_int or int(v) < 0:
             raise ValueError(
-                "patch_radius must hold non-negative integers, got "
-                f"{patch_radius!r}"
+                "patch_radius must be a scalar or a 3-element array of non-negative "
+                f"integers; got {patch_radius!r}"
             )
         out.append(int(v))
     return tuple(out)
