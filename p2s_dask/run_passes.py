@@ -48,6 +48,10 @@ def execute(run, plan, work, executor, report) -> None:
     timed = _Timer(report)
     with timed("input", work):
         values = stage_input(run, plan, work, executor, report)
+    # every task allocates a block and its prediction of the same size: let
+    # the allocator hand freed ones back instead of fresh pages (after the
+    # staging, which returns its memory to the system)
+    reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
     arr = engine.as_chunked(values, plan.chunks, run.radius)
     with timed("statistics", work):
         summary = statistics(run, arr, work, executor, report)
@@ -132,9 +136,6 @@ def stage_input(run, plan, work, executor, report):
     so = run.opts.storage_options
     if plan.input_mode == "in-place":
         values, _ = open_nifti(run.inp, plan.chunks, meta=run.meta)
-        # every task allocates a block and its prediction of the same size:
-        # let the allocator hand freed ones back instead of fresh pages
-        reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
         return values
     if plan.input_mode == "store":
         return open_dwi(run.inp, so)[0]

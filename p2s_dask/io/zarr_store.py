@@ -21,6 +21,15 @@ module hands out). Otherwise an all-zero chunk (a masked or empty region)
 would be indistinguishable from one lost to a failed or interrupted write,
 and "every chunk exists" could not tell a complete store from a broken one.
 The price is small: an all-zero chunk compresses to a few hundred bytes.
+
+Reading and writing chunks: for arrays in this layout (one regular chunk
+grid, raw bytes in native order, Blosc or nothing) a chunk is one object,
+read by :func:`read_chunks` (one Dask task per chunk, each decoding straight
+into the block it returns) and written by :func:`write_region` and
+:func:`submit_region` (encoded in the caller's thread, stored with direct
+I/O where the file system allows, optionally from background threads),
+without Zarr's event loop. The bytes are exactly those Zarr reads and
+writes; arrays with other codecs go through Zarr.
 """
 
 from __future__ import annotations
@@ -469,6 +478,15 @@ def _normalized_region(array, region) -> tuple:
     return tuple(out)
 
 
+def _chunk_aligned(array, region) -> tuple:
+    """``region`` normalised; ValueError unless it is aligned to the chunks."""
+    region = _normalized_region(array, region)
+    for s, c, n in zip(region, array.chunks, array.shape):
+        if s.start % c or (s.stop % c and s.stop != n):
+            raise ValueError(f"region {region} is not aligned to the chunks {array.chunks}")
+    return region
+
+
 def _chunk_regions(region, chunks):
     """The chunk-sized pieces of a chunk-aligned ``region``, in C order."""
     axes = [[slice(a, min(a + c, s.stop)) for a in range(s.start, s.stop, c)]
@@ -503,11 +521,13 @@ def write_region(array, region, values, url) -> None:
         When it is raised, no write of this call is still running.
     ValueError
         If ``region`` is not chunk-aligned (a bug in the caller).
+
+    Notes
+    -----
+    Chunks of arrays in this module's layout are encoded and stored here, in
+    the caller's thread (see :class:`_ChunkCodec`); others through Zarr.
     """
-    region = _normalized_region(array, region)
-    for s, c, n in zip(region, array.chunks, array.shape):
-        if s.start % c or (s.stop % c and s.stop != n):
-            raise ValueError(f"region {region} is not aligned to the chunks {array.chunks}")
+    region = _chunk_aligned(array, region)
     if not array.config.write_empty_chunks:
         array = array.with_config(ARRAY_CONFIG)
     pieces = _chunk_regions(region, array.chunks)
@@ -767,19 +787,28 @@ class _ChunkCodec:
         coords = tuple(s.start // c for s, c in zip(region, self.chunk_shape))
         shape = tuple(s.stop - s.start for s in region)
         values = np.asarray(values)
-        if shape == self.chunk_shape and values.shape == shape and values.dtype == self.dtype:
-            chunk = values if values.flags.c_contiguous else to_c_order(values)
+        if shape == self.chunk_shape and values.shape == shape:
+            chunk = _c_order(values, self.dtype)
         else:
             # an edge chunk is stored whole, padded with the fill value (as
-            # Zarr does); a scalar or another dtype is broadcast and cast
+            # Zarr does); a scalar is broadcast
             chunk = np.empty(self.chunk_shape, self.dtype)
             if shape != self.chunk_shape:
                 chunk[...] = self.fill_value
             inner = chunk[tuple(slice(0, n) for n in shape)]
-            if values.shape == shape and values.ndim == 4 and not values.flags.c_contiguous:
-                values = to_c_order(values, self.dtype)
-            inner[...] = values
+            inner[...] = _c_order(values, self.dtype) if values.shape == shape else values
         return coords, self.encode(chunk)
+
+
+def _c_order(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as a C-contiguous array of ``dtype`` (itself when it is
+    one). A volume-major block (predicted from a NIfTI) is transposed a
+    z-plane at a time, several times faster than one numpy copy."""
+    if values.flags.c_contiguous and values.dtype == dtype:
+        return values
+    if values.ndim == 4:
+        return to_c_order(values, dtype)
+    return np.ascontiguousarray(values, dtype=dtype)
 
 
 def _chunk_key(metadata, path, coords) -> str:
@@ -799,6 +828,9 @@ def _put_chunk(store, key, data, scratch=None) -> None:
     """Write one object; on a local store under a temporary name that is
     renamed into place (as Zarr does), so a chunk file is always whole.
     ``scratch(n)``, if given, lends an aligned buffer of ``n`` bytes."""
+    if getattr(store, "read_only", False):
+        # what Zarr says for a write through a read-only array
+        raise ValueError("store was opened in read-only mode and does not support writing")
     if isinstance(store, LocalStore):
         path = os.path.join(str(store.root), *key.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -913,7 +945,8 @@ class _ChunkReader:
                              f"{exc}") from exc
         finally:
             if isinstance(data, mmap.mmap):
-                data.close()
+                with contextlib.suppress(BufferError):  # else it goes with the object
+                    data.close()
         if shape == codec.chunk_shape:
             return whole
         return np.ascontiguousarray(whole[tuple(slice(0, n) for n in shape)])
@@ -1022,7 +1055,7 @@ def submit_region(array, region, values, url, then=None) -> None:
     InputError
         For this chunk, or for an earlier one of the same writer that failed.
     """
-    region = _normalized_region(array, region)
+    region = _chunk_aligned(array, region)
     codec = _ChunkCodec.of(array)
     if (codec is None or len(_chunk_regions(region, array.chunks)) != 1
             or _on_distributed_worker()):
@@ -1030,9 +1063,6 @@ def submit_region(array, region, values, url, then=None) -> None:
         if then is not None:
             then()
         return
-    for s, c, n in zip(region, array.chunks, array.shape):
-        if s.start % c or (s.stop % c and s.stop != n):
-            raise ValueError(f"region {region} is not aligned to the chunks {array.chunks}")
     coords, data = codec.encode_region(region, values)
     del values
     key = _chunk_key(array.metadata, array.path, coords)
