@@ -27,6 +27,7 @@ from dask.array.core import normalize_chunks, slices_from_chunks
 from dask.graph_manipulation import bind
 
 from .core import LinearModel, block_stats, fit, merge, patch_size, predict_block
+from .core.lagstats import lag_block_stats, lags_pay_off
 from .core.layout import rows_order, voxel_rows
 from .core.postprocess import intensity_shift
 from .core.predict import combine
@@ -174,9 +175,20 @@ def _block_summary(block, mask, groups, radius, origin, check_finite) -> Summary
         summary.stats = [everything.subset(list(g.indices)) if g.denoise else None
                          for g in groups]
     else:
-        summary.stats = [block_stats(block[..., list(g.indices)], radius, mask)
+        summary.stats = [_group_stats(block, g.indices, radius, mask)
                          if g.denoise else None for g in groups]
     return summary
+
+
+def _group_stats(block, indices, radius, mask):
+    """One group's statistics: from lagged products where they pay off
+    (patch radius > 0: ~63 m^2 products per voxel instead of 364 m^2), else
+    the direct scatter."""
+    rng = _as_range(indices)  # consecutive volumes: a view, no copy
+    part = block[..., slice(*rng)] if rng is not None else block[..., list(indices)]
+    if any(radius) and lags_pay_off(part.shape[-1], radius, mask is not None):
+        return lag_block_stats(part, radius, mask)
+    return block_stats(part, radius, mask)
 
 
 def _merge_summaries(*items: Summary) -> Summary:

@@ -1,0 +1,272 @@
+"""Lag statistics (core.lagstats) against the direct scatter of patch features.
+
+``lag_block_stats`` must return what ``block_stats`` returns for the same
+block with its halo: the same count, and mean and scatter within 1e-9 of the
+direct ones relative to their largest entry.
+"""
+
+import numpy as np
+import pytest
+
+from p2s_dask.core import block_stats, features, merge_all
+from p2s_dask.core import lagstats
+from p2s_dask.core.lagstats import lag_block_stats
+
+TOL = 1e-9
+RADII = [(1, 1, 1), (1, 1, 0), (2, 2, 2)]
+IMAGE = (10, 9, 8)
+M = 3
+
+
+def assert_same(got, want, tol=TOL, symmetric=True):
+    assert got.count == want.count
+    assert got.mean.shape == want.mean.shape
+    assert got.scatter.shape == want.scatter.shape
+    if want.count == 0:
+        assert not got.scatter.any() and not got.mean.any()
+        return
+    scale = np.abs(want.scatter).max()
+    assert np.abs(got.scatter - want.scatter).max() <= tol * scale
+    assert np.abs(got.mean - want.mean).max() <= tol * np.abs(want.mean).max()
+    if symmetric:  # as the direct scatter of one block
+        np.testing.assert_array_equal(got.scatter, got.scatter.T)
+
+
+def make_image(kind, shape=IMAGE, m=M, seed=0):
+    """A smooth anatomy times per-volume contrasts plus noise."""
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    anat = 1 + 0.5 * np.sin(3 * grid[0]) * np.cos(2 * grid[1]) + 0.3 * grid[2]
+    contrast = rng.uniform(0.5, 1.0, m)
+    if kind == "int16":
+        # near the type's limits: up to +-20000 with a few extreme voxels
+        vals = 12000 * anat[..., None] * contrast + rng.normal(0, 800, shape + (m,))
+        vals[rng.random(shape + (m,)) < 0.03] = 20000
+        vals[rng.random(shape + (m,)) < 0.03] = -20000
+        return np.clip(np.rint(vals), -20000, 20000).astype(np.int16)
+    if kind == "float32":
+        return (800 * anat[..., None] * contrast
+                + rng.normal(0, 30, shape + (m,))).astype(np.float32)
+    # a large offset and a small spread: a raw-moment formula loses the digits
+    return 1e4 + anat[..., None] * contrast + rng.normal(0, 0.5, shape + (m,))
+
+
+def make_mask(kind, shape=IMAGE, seed=1):
+    rng = np.random.default_rng(seed)
+    grid = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    if kind == "holes":
+        # an ellipsoid inside the image with holes, one voxel off the border
+        mask = (grid[0] / 0.85) ** 2 + (grid[1] / 0.8) ** 2 + (grid[2] / 0.9) ** 2 < 1
+        mask &= rng.random(shape) > 0.2
+        return mask
+    if kind == "border":
+        # a blob cut by the image border on several faces
+        mask = (grid[0] + 0.3) ** 2 + (grid[1] - 0.4) ** 2 + grid[2] ** 2 < 1.1
+        mask &= rng.random(shape) > 0.1
+        return mask
+    return None
+
+
+def block_of(img, radius, region):
+    """The block of ``region`` (three (start, stop)) with its halo: zeros
+    beyond the image, neighbours inside it."""
+    pad = np.pad(img, [(r, r) for r in radius] + [(0, 0)])
+    return pad[tuple(slice(a, b + 2 * r) for (a, b), r in zip(region, radius))]
+
+
+def mask_of(mask, region):
+    return None if mask is None else mask[tuple(slice(a, b) for a, b in region)]
+
+
+REGIONS = {
+    "border": ((0, 6), (0, 5), (0, 4)),      # halo zero on the low faces
+    "interior": ((2, 8), (2, 7), (2, 6)),    # halo all neighbours (r <= 2)
+    "far": ((5, 10), (3, 9), (4, 8)),        # halo zero on the high faces
+    "whole": ((0, 10), (0, 9), (0, 8)),
+}
+
+
+def thin_region(radius, axis):
+    """A block as thin as the radius along ``axis`` (and through the image
+    along the next axis)."""
+    region = [(2, 7), (0, 9), (3, 6)]
+    t = max(1, radius[axis])
+    region[axis] = (4, 4 + t)
+    return tuple(region)
+
+
+def arrange(block, layout):
+    if layout == "C":
+        return np.ascontiguousarray(block)
+    if layout == "F":
+        return np.asfortranarray(block)
+    # volume-major volumes spaced apart: a slice of a larger F-ordered block
+    wide = np.zeros(block.shape[:3] + (block.shape[3] + 2,), dtype=block.dtype, order="F")
+    wide[..., 1:-1] = block
+    return wide[..., 1:-1]
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("kind", ["int16", "float32", "float64"])
+@pytest.mark.parametrize("mask_kind", [None, "holes", "border"])
+@pytest.mark.parametrize("where", ["border", "interior", "far"])
+def test_matches_direct(radius, kind, mask_kind, where):
+    img = make_image(kind)
+    mask = make_mask(mask_kind)
+    region = REGIONS[where]
+    block = block_of(img, radius, region)
+    bmask = mask_of(mask, region)
+    want = block_stats(block, radius, bmask)
+    assert want.count > 0
+    for layout in ("C", "F"):
+        assert_same(lag_block_stats(arrange(block, layout), radius, bmask), want)
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("mask_kind", [None, "border"])
+def test_blocks_as_thin_as_the_radius(radius, axis, mask_kind):
+    img = make_image("float64", seed=axis)
+    region = thin_region(radius, axis)
+    block = block_of(img, radius, region)
+    bmask = mask_of(make_mask(mask_kind), region)
+    want = block_stats(block, radius, bmask)
+    for layout in ("C", "F", "spaced"):
+        assert_same(lag_block_stats(arrange(block, layout), radius, bmask), want)
+
+
+@pytest.mark.parametrize("radius,kind", [((1, 1, 1), "int16"), ((1, 1, 0), "float64"),
+                                         ((2, 2, 2), "float64")])
+@pytest.mark.parametrize("mask_kind", [None, "holes"])
+def test_walked_in_slabs(radius, mask_kind, kind):
+    # max_bytes=1: the working copy holds one plane (+ 2 r) at a time
+    img = make_image(kind, seed=5)
+    region = REGIONS["whole"]
+    block = block_of(img, radius, region)
+    bmask = mask_of(make_mask(mask_kind), region)
+    want = block_stats(block, radius, bmask)
+    geo = lagstats._Geometry(block.shape[:3], radius, M)
+    three = (3 + 2 * geo.r[0]) * geo.sz * (M + 1) * 8   # slabs of three planes
+    assert len(geo.chunks(three)) > 1
+    for max_bytes in ((1, three) if max(radius) < 2 else (three,)):
+        assert_same(lag_block_stats(block, radius, bmask, max_bytes=max_bytes), want)
+
+
+@pytest.mark.parametrize("classes,radius", [
+    (1, (1, 1, 1)),         # every pattern its own class
+    (10**9, (1, 1, 1)),     # no classes: signed corrections only
+    (4, (1, 1, 0)),
+    (4, (2, 2, 2)),
+    (10**9, (2, 2, 2)),
+])
+def test_mask_paths(classes, radius, monkeypatch):
+    # the class threshold changes the work, never the result
+    monkeypatch.setattr(lagstats, "BIG_CLASS", classes)
+    img = make_image("float32", seed=3)
+    region = REGIONS["whole"]
+    block = block_of(img, radius, region)
+    for mask_kind in ("holes", "border"):
+        bmask = make_mask(mask_kind, seed=4)
+        assert_same(lag_block_stats(block, radius, bmask), block_stats(block, radius, bmask))
+
+
+CHUNKINGS = [
+    ((10,), (9,), (8,)),
+    ((4, 4, 2), (5, 4), (3, 3, 2)),
+    ((6, 4), (2, 7), (8,)),
+    ((2, 2, 2, 2, 2), (9,), (4, 2, 2)),
+]
+
+
+def split(img, mask, radius, chunks):
+    """Blocks with halos cut from the zero-padded image, and their masks."""
+    pad = np.pad(img, [(r, r) for r in radius] + [(0, 0)])
+    edges = [np.concatenate(([0], np.cumsum(c))) for c in chunks]
+    for i in range(len(chunks[0])):
+        for j in range(len(chunks[1])):
+            for k in range(len(chunks[2])):
+                region = [(e[a], e[a + 1]) for e, a in zip(edges, (i, j, k))]
+                block = pad[tuple(slice(a, b + 2 * r) for (a, b), r in zip(region, radius))]
+                yield block, mask_of(mask, region)
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("mask_kind", [None, "border"])
+@pytest.mark.parametrize("kind", ["int16", "float64"])
+def test_merged_blocks_give_the_whole_image(radius, mask_kind, kind):
+    img = make_image(kind, seed=9)
+    mask = make_mask(mask_kind, seed=9)
+    whole = np.pad(img, [(r, r) for r in radius] + [(0, 0)])
+    want = block_stats(whole, radius, mask)
+    for chunks in CHUNKINGS[2:3] if max(radius) > 1 else CHUNKINGS:
+        if any(min(c) < r for c, r in zip(chunks, radius)):
+            continue  # the engine keeps blocks at least as thick as the radius
+        parts = [lag_block_stats(b, radius, m) for b, m in split(img, mask, radius, chunks)]
+        got = merge_all(p for p in parts if p.count)
+        assert_same(got, want, symmetric=False)  # merges round asymmetrically
+
+
+def test_integers_are_exact():
+    # the int16 path forms the scatter from exact integer sums: it is the true
+    # scatter rounded (not only close to the direct float computation)
+    radius = (1, 1, 1)
+    img = make_image("int16", seed=11)
+    region = REGIONS["border"]
+    block = block_of(img, radius, region)
+    for bmask in (None, mask_of(make_mask("holes"), region)):
+        x = features(block, radius).astype(np.int64)
+        if bmask is not None:
+            x = x[bmask.reshape(-1)]
+        n = x.shape[0]
+        sums = x.sum(axis=0)
+        n_scatter = n * (x.T @ x) - np.outer(sums, sums)   # exact in int64 here
+        got = lag_block_stats(block, radius, bmask)
+        assert got.count == n
+        np.testing.assert_array_equal(got.mean, sums / n)
+        exact = n_scatter / n
+        assert np.abs(got.scatter - exact).max() <= 4e-16 * np.abs(exact).max()
+
+
+def test_integers_beyond_the_exact_range(monkeypatch):
+    # past the exact bound (forced here) integers take the centred float path
+    monkeypatch.setattr(lagstats, "_EXACT", 1)
+    radius = (1, 1, 1)
+    img = make_image("int16", seed=12)
+    for where in ("border", "interior"):
+        block = block_of(img, radius, REGIONS[where])
+        bmask = mask_of(make_mask("border"), REGIONS[where])
+        for mm in (None, bmask):
+            assert_same(lag_block_stats(block, radius, mm), block_stats(block, radius, mm))
+
+
+def test_degenerate_masks_and_radius_zero():
+    radius = (1, 1, 1)
+    img = make_image("float64", seed=13)
+    region = REGIONS["interior"]
+    block = block_of(img, radius, region)
+    shape = tuple(b - a for a, b in region)
+    full = np.ones(shape, bool)
+    assert_same(lag_block_stats(block, radius, full), block_stats(block, radius))
+    empty = lag_block_stats(block, radius, np.zeros(shape, bool))
+    assert empty.count == 0 and empty.scatter.shape == (27 * M, 27 * M)
+    one = np.zeros(shape, bool)
+    one[2, 3, 1] = True
+    got = lag_block_stats(block, radius, one)
+    want = block_stats(block, radius, one)
+    assert got.count == 1 and not want.scatter.any()
+    # one voxel: the scatter is zero (up to the rounding of the centring)
+    assert np.abs(got.scatter).max() <= 1e-12 * np.abs(got.mean).max() ** 2
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-15)
+    flat = block_of(img, (0, 0, 0), region)
+    assert_same(lag_block_stats(flat, (0, 0, 0)), block_stats(flat, (0, 0, 0)))
+    with pytest.raises(ValueError):
+        lag_block_stats(block, radius, np.ones((2, 2, 2), bool))
+
+
+def test_when_lags_pay_off():
+    # no mask: always for r > 0; with a mask: for groups large enough
+    assert lagstats.lags_pay_off(10, (1, 1, 1), masked=False)
+    assert not lagstats.lags_pay_off(160, (0, 0, 0), masked=False)
+    assert lagstats.lags_pay_off(160, (1, 1, 1), masked=True)
+    assert not lagstats.lags_pay_off(10, (1, 1, 1), masked=True)
+    assert not lagstats.lags_pay_off(24, (2, 2, 2), masked=True)
