@@ -233,11 +233,6 @@ class ThreadsExecutor(Executor):
         self.n_workers = 1
         self.is_local = True
 
-    @property
-    def n_threads(self) -> int:
-        """Same as ``threads_per_worker`` (the name cluster.LocalThreads had)."""
-        return self.threads_per_worker
-
     def compute(self, collection, desc: str = "", progress: bool = False):
         """The value of a Dask collection, computed by this process's threads.
 

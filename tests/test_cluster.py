@@ -236,7 +236,7 @@ def test_storage_options_reach_workers(cluster, small_dwi, local_result, tmp_pat
 def test_workers_must_see_local_files(cluster, tmp_path):
     """With --scheduler, local paths work only where the workers share the
     file system; the pipeline checks that before any work."""
-    from p2s_dask.cluster import require_shared_files
+    from p2s_dask.executors import require_shared_files
     from p2s_dask.errors import InputError
 
     shared = tmp_path / "params.json"
