@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import posixpath
+import sys
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -50,8 +51,12 @@ def _name(url) -> str:
 
 
 def _bar(progress, total, desc):
+    """A byte progress bar on stderr, on a terminal only: off a terminal (a
+    SLURM log) its carriage-return updates would fill the log, and the run's
+    stages are reported one line each instead."""
+    on_terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024,
-                disable=not progress, dynamic_ncols=True)
+                disable=not (progress and on_terminal), dynamic_ncols=True, file=sys.stderr)
 
 
 def _concurrency(slab_bytes, chunk_bytes):
