@@ -358,9 +358,8 @@ def _gradients(inp, kind, bvals, bvecs, meta, storage_options):
 def _probe(url, kind, storage_options):
     """Shape and meta of the input, from its header or its store."""
     if kind == "zarr":
-        from .io import open_dwi_array
-        array, meta = open_dwi_array(url, storage_options)
-        return tuple(array.shape), meta, tuple(array.chunks)
+        from .io.zarr_store import probe_store
+        return probe_store(url, storage_options)
     from .io.nifti_stream import NiftiReader
     reader = NiftiReader(url, storage_options=storage_options)
     try:

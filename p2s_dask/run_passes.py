@@ -140,7 +140,12 @@ def stage_input(run, plan, work, executor, report):
         values, _ = open_nifti(run.inp, plan.chunks, meta=run.meta)
         return values
     if plan.input_mode == "store":
-        return open_dwi(run.inp, so)[0]
+        values = open_dwi(run.inp, so)[0]
+        if values.chunksize != (*plan.chunks, run.shape[3])[:4] or run.stored_chunks is None:
+            # another tool's image (e.g. one chunk per volume), or blocks
+            # the budget cannot hold: rechunked by Dask as it reads
+            values = values.rechunk((*plan.chunks, -1))
+        return values
     src = work.file("input.zarr")
     if store_state(src, so) == "complete":
         report.resumed.append("input")

@@ -87,10 +87,10 @@ def system_tmp(tmp_path, monkeypatch):
 
 # -- full disks ----------------------------------------------------------------
 
-# the store takes 3.57 MiB in 4 KiB pages; 3.5703125 MiB holds every chunk and
-# the metadata, but not the second copy of zarr.json that marking it complete
-# writes before renaming
-@pytest.mark.parametrize("disk_mib", [1, 3.5, 3.5703125, 3.6, 8])
+# the store takes 3828 KiB in 4 KiB pages (3.738 MiB); a disk of exactly
+# that size holds every shard and the metadata, but not the root group that
+# marking it complete writes while the pending state file still exists
+@pytest.mark.parametrize("disk_mib", [1, 3.6, 3828 / 1024, 3.75, 8])
 def test_write_dwi_full_disk(tmp_path, values, meta, disk_mib):
     """Whatever the room, either every chunk is there and the store is
     complete, or one line says the disk is full and nothing is complete."""
@@ -105,9 +105,9 @@ def test_write_dwi_full_disk(tmp_path, values, meta, disk_mib):
             assert "No space left" in message
             assert store_state(url) != "complete"
             assert not os.listdir(disk)  # removed: the room is given back
-            assert disk_mib < 3.6, "this disk has room for the store"
+            assert disk_mib < 3.75, "this disk has room for the store"
         else:
-            assert disk_mib > 3.5, "a disk this small cannot hold the store"
+            assert disk_mib > 3.6, "a disk this small cannot hold the store"
             assert store_state(url) == "complete"
             np.testing.assert_array_equal(open_dwi(url)[0].compute(), noise())
 
@@ -221,22 +221,23 @@ def test_verify_all_chunks(tmp_path, meta):
 
 
 def test_zero_chunks_written_through_any_array(tmp_path, meta):
-    """A ``dwi`` array opened by plain Zarr (empty chunks skipped by default)
-    still stores all-zero chunks through write_region."""
+    """Array ``0`` opened by plain Zarr (empty chunks skipped by default)
+    still stores all-zero shards through write_region (in its own axis
+    order, t, z, y, x)."""
     url = tmp_path / "out.zarr"
     create_dwi_store(url, SHAPE, np.float32, CHUNKS, meta)
-    plain = zarr.open_group(str(url), mode="r+")["dwi"]
+    plain = zarr.open_array(str(url), path="0", mode="r+")
     assert not plain.config.write_empty_chunks
     for i in range(0, SHAPE[0], CHUNKS[0]):
         for j in range(0, SHAPE[1], CHUNKS[1]):
             for k in range(0, SHAPE[2], CHUNKS[2]):
-                region = (slice(i, i + CHUNKS[0]), slice(j, j + CHUNKS[1]),
-                          slice(k, k + CHUNKS[2]), slice(None))
+                region = (slice(None), slice(k, k + CHUNKS[2]), slice(j, j + CHUNKS[1]),
+                          slice(i, i + CHUNKS[0]))
                 write_region(plain, region, 0, str(url))
     mark_complete(url)
     assert store_state(url) == "complete"
     with pytest.raises(ValueError):
-        write_region(plain, (slice(1, 16),), 0, str(url))  # not chunk-aligned
+        write_region(plain, (slice(None), slice(1, 16)), 0, str(url))  # not aligned
 
 
 # -- store_state -----------------------------------------------------------------
@@ -256,8 +257,8 @@ KILLED_WRITER = textwrap.dedent("""
 
 
 def chunk_files(url):
-    """The chunk files of a store's ``dwi`` array (not Zarr's temporary ones)."""
-    folder = url / "dwi" / "c"
+    """The shard files of a store's array ``0`` (not our temporary ones)."""
+    folder = url / "0" / "c"
     return [p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".partial")] \
         if folder.is_dir() else []
 
@@ -296,25 +297,28 @@ def test_store_state(tmp_path, values, meta):
 
 def invalid_stores(tmp_path, meta):
     """Things at a .zarr path that are not (or no longer) DWI stores."""
-    cut = tmp_path / "cut.zarr"  # group metadata cut short
+    cut = tmp_path / "cut.zarr"  # pending state cut short
     create_dwi_store(cut, SHAPE, np.float32, CHUNKS, meta)
-    text = (cut / "zarr.json").read_text()
-    (cut / "zarr.json").write_text(text[:len(text) // 2])
+    text = (cut / "p2s_dask_pending.json").read_text()
+    (cut / "p2s_dask_pending.json").write_text(text[:len(text) // 2])
+    cut_root = tmp_path / "cut-root.zarr"  # a finished store's group metadata cut short
+    write_dwi(np.zeros(SHAPE, np.float32), cut_root, meta)
+    text = (cut_root / "zarr.json").read_text()
+    (cut_root / "zarr.json").write_text(text[:len(text) // 2])
     foreign = tmp_path / "foreign.zarr"  # a Zarr group without our attributes
     zarr.create_group(str(foreign), attributes={"something": "else"})
     no_array = tmp_path / "no-array.zarr"  # killed between group and array
     create_dwi_store(no_array, SHAPE, np.float32, CHUNKS, meta)
-    (no_array / "dwi" / "zarr.json").unlink()
+    (no_array / "0" / "zarr.json").unlink()
     bad_attrs = tmp_path / "bad-attrs.zarr"  # our format name, attributes missing
     create_dwi_store(bad_attrs, SHAPE, np.float32, CHUNKS, meta)
-    group = json.loads((bad_attrs / "zarr.json").read_text())
-    group["attributes"]["p2s_dask"] = {"format": "p2s-dask-dwi", "version": 1}
-    (bad_attrs / "zarr.json").write_text(json.dumps(group))
+    (bad_attrs / "p2s_dask_pending.json").write_text(json.dumps(
+        {"p2s_dask": {"format": "p2s-dask-dwi", "version": 2}}))
     empty = tmp_path / "empty.zarr"
     empty.mkdir()
     a_file = tmp_path / "file.zarr"
     a_file.write_bytes(b"not a store")
-    return [cut, foreign, no_array, bad_attrs, empty, a_file]
+    return [cut, cut_root, foreign, no_array, bad_attrs, empty, a_file]
 
 
 def test_store_state_invalid(tmp_path, meta):

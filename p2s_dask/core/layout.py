@@ -1,8 +1,9 @@
 """Blocks seen as ``(voxels, volumes)`` matrices without copying.
 
-A block is a 4D array ``(bx, by, bz, m)``. Read from a Zarr chunk it is
-C-ordered (the volumes of a voxel are adjacent); read from a NIfTI file it is
-Fortran-ordered (each volume is one contiguous plane, as on disk). Either
+A block is a 4D array ``(bx, by, bz, m)``. Read from a NIfTI file or one of
+our NIfTI-Zarr stores it is Fortran-ordered (each volume is one contiguous
+plane, as on disk); from other arrays it may be C-ordered (the volumes of a
+voxel adjacent). Either
 way its ``(voxels, m)`` matrix is a plain reshape, and BLAS takes both
 orientations, so the core never pays for a transpose.
 """

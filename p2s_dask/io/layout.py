@@ -1,8 +1,8 @@
 """Fortran <-> C order copies of 4D slabs, fast enough to keep up with gzip.
 
-NIfTI data is Fortran ordered (x fastest) and our chunks are C ordered
-(volumes fastest), so every value is transposed once on the way in and once
-on the way out. numpy's one-call copy walks one side with a stride of a whole
+NIfTI data is Fortran ordered (x fastest), and so are our stores' blocks
+(NIfTI-Zarr's t, z, y, x in C order); a block computed voxel-major (volumes
+fastest) is transposed once on its way to a store or a file. numpy's one-call copy walks one side with a stride of a whole
 volume, which often lands on the same cache sets and runs at under 100 MB/s;
 copying a z-plane (and on the C->F side a few x-rows) at a time keeps the
 working set in cache and is 3 to 6 times faster.

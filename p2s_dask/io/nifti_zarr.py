@@ -22,7 +22,7 @@ from ..errors import InputError
 from .background import run_pipelined
 from .budget import DEFAULT_MEMORY_LIMIT, parse_memory_limit, plan
 from .fsl import fsl_siblings, read_bvals, read_bvecs
-from .layout import to_c_order, to_f_order
+from .layout import to_f_order
 from .malloc import return_freed_memory, trim
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader, NiftiWriter
@@ -181,7 +181,8 @@ def _nifti_into_store(reader, store, url, the_plan, bar):
 
     def write(item):
         _, slab = item
-        write_region(store, ..., to_c_order(slab, store.dtype), url)
+        # a NIfTI slab is in the store's order already (volume after volume)
+        write_region(store, ..., np.asfortranarray(slab, store.dtype), url)
         bar.update(slab.nbytes)
 
     with zarr_concurrency(_concurrency(the_plan.slab_bytes, the_plan.chunk_bytes)):
@@ -193,8 +194,8 @@ def _nifti_into_scratch(reader, scratch, the_plan, bar):
 
     def write(item):
         (v0, z0), slab = item
-        # transposed here, not in the reading thread, which gunzip keeps busy
-        scratch.write_slab(to_c_order(slab, scratch.dtype), v0, z0)
+        # cut into pieces here, not in the reading thread, which gunzip keeps busy
+        scratch.write_slab(slab, v0, z0)
         bar.update(slab.nbytes)
 
     # gunzip in one thread while the other transposes and writes pieces
@@ -301,7 +302,10 @@ def _slabs_into(read, writer, meta, the_plan, bar):
         for v0, v1, z0, z1 in the_plan.slabs():
             # Fortran order and the file's byte order, made here in the
             # reading thread so the writing thread only compresses
-            yield to_f_order(read(v0, v1, z0, z1), disk)
+            slab = read(v0, v1, z0, z1)
+            if not (slab.flags.f_contiguous and slab.dtype == disk):
+                slab = to_f_order(slab, disk)
+            yield slab
 
     def write(slab):
         writer.write(slab.T)  # the transpose of a Fortran array is C-contiguous

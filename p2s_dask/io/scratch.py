@@ -88,6 +88,11 @@ def _pwrite_all(fd, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
+def _f_bytes(values: np.ndarray, dtype) -> np.ndarray:
+    """A C-contiguous array whose bytes are ``values`` in Fortran order."""
+    return np.asfortranarray(values, dtype=dtype).T
+
+
 def _pread_into(fd, array: np.ndarray, offset: int) -> None:
     view = memoryview(array).cast("B")
     while view:
@@ -101,10 +106,11 @@ class BlockScratch:
     """Values of a 4D array kept block by block in a temporary local file.
 
     Within a block's region, the values are stored as consecutive pieces,
-    one per run of volumes ``[v0, v1)``: each piece is the C-ordered
-    ``(bx, by, bz, v1 - v0)`` array, at offset ``voxels * v0 * itemsize``
-    from the start of the block's region. So a piece can be written or read
-    on its own, and a whole block (all pieces) in one read.
+    one per run of volumes ``[v0, v1)``: each piece is the Fortran-ordered
+    ``(bx, by, bz, v1 - v0)`` array (volume after volume, as in a NIfTI),
+    at offset ``voxels * v0 * itemsize`` from the start of the block's
+    region. So a piece can be written or read on its own, and a whole block
+    (all pieces, which together are the block in Fortran order) in one read.
 
     Parameters
     ----------
@@ -186,17 +192,17 @@ class BlockScratch:
             for b in self.blocks_within(z0, z0 + slab.shape[2]):
                 xs, ys, zs = self.blocks[b]
                 piece = slab[xs, ys, zs.start - z0:zs.stop - z0, :]
-                _pwrite_all(self._fd, piece, self._piece_offset(b, v0))
+                _pwrite_all(self._fd, _f_bytes(piece, self.dtype), self._piece_offset(b, v0))
 
     def read_slab(self, v0: int, v1: int, z0: int, z1: int) -> np.ndarray:
-        """Volumes ``v0:v1``, z-planes ``z0:z1`` (whole blocks), C ordered."""
-        out = np.empty((*self.shape[:2], z1 - z0, v1 - v0), dtype=self.dtype)
+        """Volumes ``v0:v1``, z-planes ``z0:z1`` (whole blocks), Fortran ordered."""
+        out = np.empty((*self.shape[:2], z1 - z0, v1 - v0), dtype=self.dtype, order="F")
         with self._errors("reading"):
             for b in self.blocks_within(z0, z1):
                 xs, ys, zs = self.blocks[b]
-                piece = np.empty((*self._block_shape(b), v1 - v0), dtype=self.dtype)
+                piece = np.empty((v1 - v0, *self._block_shape(b)[::-1]), dtype=self.dtype)
                 _pread_into(self._fd, piece, self._piece_offset(b, v0))
-                out[xs, ys, zs.start - z0:zs.stop - z0, :] = piece
+                out[xs, ys, zs.start - z0:zs.stop - z0, :] = piece.T
         return out
 
     # -- blocks: all volumes of one spatial block -------------------------
@@ -205,20 +211,17 @@ class BlockScratch:
         """Store block ``b`` (shape (bx, by, bz, n)) as pieces of the volume ``runs``."""
         with self._errors("writing"):
             for v0, v1 in runs:
-                _pwrite_all(self._fd, data[..., v0:v1], self._piece_offset(b, v0))
+                _pwrite_all(self._fd, _f_bytes(data[..., v0:v1], self.dtype),
+                            self._piece_offset(b, v0))
 
     def read_block(self, b: int, runs) -> np.ndarray:
-        """Block ``b``, all volumes, C ordered, from its pieces (one read)."""
+        """Block ``b``, all volumes, Fortran ordered (one read, no copy: its
+        pieces, one after the other, are the block in Fortran order)."""
         shape = self._block_shape(b)
-        flat = np.empty(self._voxels[b] * self.shape[3], dtype=self.dtype)
+        flat = np.empty((self.shape[3], *shape[::-1]), dtype=self.dtype)
         with self._errors("reading"):
             _pread_into(self._fd, flat, int(self._offsets[b]))
-        out = np.empty((*shape, self.shape[3]), dtype=self.dtype)
-        for v0, v1 in runs:
-            start = self._voxels[b] * v0
-            out[..., v0:v1] = flat[start:start + self._voxels[b] * (v1 - v0)].reshape(
-                *shape, v1 - v0)
-        return out
+        return flat.T
 
     def close(self) -> None:
         """Delete the file."""

@@ -1,0 +1,762 @@
+"""Chunks of a stored DWI array, read and written without Zarr's machinery.
+
+Zarr 3 runs every read and write through one event loop thread: a chunk's
+bytes are decoded in a worker thread, but copied into (or out of) the
+caller's array on the loop's thread, so Dask's threads queue up behind each
+other there, and every chunk passes through two or three fresh buffers. For
+the arrays our stores hold (one regular grid of objects, raw bytes in native
+order, optionally Blosc, optionally sharded with an index at the end) an
+object is read and decoded straight into the block a task returns, or
+encoded from the block a task computed, in the task's own thread (Blosc
+releases the GIL). The stored bytes are what Zarr reads and writes; arrays
+with other codecs go through Zarr.
+
+:class:`DwiArray` shows a store's array in NIfTI's axis order
+(x, y, z, volumes) whatever its stored order; for the NIfTI-Zarr layout
+(t, z, y, x) a volume-major block (a NIfTI slab, a prediction) is the C
+order of the stored array, so it is stored without a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import mmap
+import os
+import queue
+import sys
+import threading
+import uuid
+from dataclasses import dataclass
+
+import dask.array as da
+import google_crc32c
+import numpy as np
+import numcodecs.blosc
+import zarr
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from ..errors import InputError
+from .direct_io import ALIGN, RunWriter
+from .layout import to_c_order, to_f_order
+from .scratch import for_each_block
+from .urls import user_errors
+
+# a chunk's presence must mean it was written (see zarr_store's docstring)
+ARRAY_CONFIG = {"write_empty_chunks": True}
+_EMPTY = 2 ** 64 - 1  # an absent inner chunk in a shard index
+
+
+def grid(array) -> tuple:
+    """The shape of one stored object of a zarr array: its shard, or chunk."""
+    return tuple(getattr(array, "shards", None) or array.chunks)
+
+
+class DwiArray:
+    """A stored array seen in NIfTI's axis order (x, y, z, volumes).
+
+    Parameters
+    ----------
+    array : zarr.Array
+        As stored: ``(t, z, y, x)`` (``reverse=True``, the NIfTI-Zarr
+        layout) or ``(x, y, z, n)`` (our format-1 stores).
+    reverse : bool
+    """
+
+    ndim = 4
+
+    def __init__(self, array, reverse: bool = True):
+        self.zarr, self.reverse = array, bool(reverse)
+
+    def axes(self, t) -> tuple:
+        """A per-axis tuple between stored and NIfTI order (its own inverse)."""
+        return tuple(reversed(tuple(t))) if self.reverse else tuple(t)
+
+    @property
+    def shape(self):
+        return self.axes(self.zarr.shape)
+
+    @property
+    def chunks(self):
+        """The shape of one stored object (all volumes of a spatial block)."""
+        return self.axes(grid(self.zarr))
+
+    @property
+    def dtype(self):
+        return self.zarr.dtype
+
+    @property
+    def store(self):
+        return self.zarr.store
+
+    def native_region(self, region) -> tuple:
+        """``region`` (NIfTI order) normalised, in stored order."""
+        return self.axes(_normalized_region(self, region))
+
+    def native_values(self, values):
+        """``values`` (NIfTI order) in stored order, C-contiguous where it can
+        be without a copy (a Fortran-ordered block)."""
+        values = np.asarray(values)
+        if not self.reverse or values.ndim == 0:
+            return values
+        if values.ndim == 4 and not values.flags.f_contiguous:
+            values = to_f_order(values)
+        return values.T
+
+    def __getitem__(self, region):
+        """Values of a region of slices, read through Zarr, NIfTI order."""
+        out = self.zarr[self.native_region(region)]
+        return out.T if self.reverse else out
+
+    def __setitem__(self, region, values):
+        """Write a region of slices through Zarr (NIfTI order)."""
+        self.zarr[self.native_region(region)] = self.native_values(values)
+
+    def with_config(self, config):
+        return DwiArray(self.zarr.with_config(config), self.reverse)
+
+
+def _native(array):
+    """``(zarr array, DwiArray or None)`` of what a caller passed."""
+    return (array.zarr, array) if isinstance(array, DwiArray) else (array, None)
+
+
+def read_chunks(array, url=None) -> da.Array:
+    """A lazy dask array of a stored array, one task per stored chunk.
+
+    Each task reads its chunk's bytes and decodes them straight into the
+    block it returns (see :class:`_ChunkCodec`), in the task's own thread:
+    Blosc runs without the GIL, and nothing goes through Zarr's event loop,
+    whose single thread would otherwise copy every decoded chunk of every
+    task into place one after the other. Arrays whose codecs this module
+    does not write fall back to :func:`dask.array.from_zarr`.
+
+    Parameters
+    ----------
+    array : DwiArray or zarr.Array
+    url : str, optional
+        The store, for error messages (default: from the array).
+
+    Returns
+    -------
+    dask.array.Array
+        Chunked as stored, in the axis order of ``array`` (NIfTI order for a
+        DwiArray); every block is the stored chunk itself (C-contiguous in
+        stored order: Fortran-contiguous for the NIfTI-Zarr layout).
+    """
+    native, view = _native(array)
+    codec = _ChunkCodec.of(native)
+    if codec is None:
+        values = da.from_zarr(native)
+        return values.transpose() if view is not None and view.reverse else values
+    reader = _ChunkReader(native, codec, _array_url(native) if url is None else os.fspath(url),
+                          reverse=view is not None and view.reverse)
+    shape = array.shape
+    chunks = da.core.normalize_chunks(array.chunks if view is not None else grid(native), shape)
+    return da.map_blocks(
+        _read_chunk_task, dtype=native.dtype, chunks=chunks,
+        meta=np.empty((0,) * len(shape), native.dtype), reader=reader,
+        name=f"read-zarr-{uuid.uuid4().hex}")
+
+
+
+def _array_url(array) -> str:
+    """The store's location, for messages."""
+    store = array.store
+    if isinstance(store, LocalStore):
+        return str(store.root)
+    if isinstance(store, FsspecStore):
+        return store.fs.unstrip_protocol(store.path)
+    return str(store)
+
+
+
+def _normalized_region(array, region) -> tuple:
+    """``region`` as one ``slice(start, stop)`` per axis (Ellipsis: all)."""
+    region = () if region is Ellipsis else tuple(region)
+    region += (slice(None),) * (array.ndim - len(region))
+    out = []
+    for s, n in zip(region, array.shape):
+        if not isinstance(s, slice) or s.step not in (None, 1):
+            raise ValueError(f"write_region takes slices, not {s!r}")
+        out.append(slice(*s.indices(n)[:2]))
+    return tuple(out)
+
+
+def _chunk_aligned(array, region) -> tuple:
+    """``region`` normalised; ValueError unless it is aligned to the stored
+    objects (chunks, or shards) of the zarr array ``array``."""
+    region = _normalized_region(array, region)
+    for s, c, n in zip(region, grid(array), array.shape):
+        if s.start % c or (s.stop % c and s.stop != n):
+            raise ValueError(f"region {region} is not aligned to the chunks {grid(array)}")
+    return region
+
+
+def _to_native(array, region, values):
+    """The zarr array, region and values of a write, in stored order."""
+    native, view = _native(array)
+    if view is None:
+        return native, region, values
+    return native, view.native_region(region), view.native_values(values)
+
+
+def _chunk_regions(region, chunks):
+    """The chunk-sized pieces of a chunk-aligned ``region``, in C order."""
+    axes = [[slice(a, min(a + c, s.stop)) for a in range(s.start, s.stop, c)]
+            for s, c in zip(region, chunks)]
+    return list(itertools.product(*axes))
+
+
+def write_region(array, region, values, url) -> None:
+    """Write whole chunks of ``array``; storage errors become one-line InputErrors.
+
+    Safe to call from many Dask tasks (threads or processes) at once, as long
+    as their regions do not share a chunk, which is why ``region`` must be
+    chunk-aligned: two tasks writing parts of one chunk would each rewrite it
+    whole, and one of them would lose.
+
+    Parameters
+    ----------
+    array : DwiArray or zarr.Array
+        From :func:`create_dwi_store` or :func:`open_dwi_array` (``mode='r+'``).
+    region : tuple of slices or Ellipsis
+        In the axis order of ``array`` (NIfTI order for a DwiArray).
+        Starts on chunk boundaries; ends on one or at the array's edge.
+    values : array-like or scalar
+        Of the region's shape (or broadcastable to it).
+    url : str
+        The store, named in error messages ("writing URL: No space left on
+        device").
+
+    Raises
+    ------
+    InputError
+        On a storage error (full disk, quota, I/O error, lost connection...).
+        When it is raised, no write of this call is still running.
+    ValueError
+        If ``region`` is not chunk-aligned (a bug in the caller).
+
+    Notes
+    -----
+    Chunks of arrays in this module's layout are encoded and stored here, in
+    the caller's thread (see :class:`_ChunkCodec`); others through Zarr.
+    """
+    array, region, values = _to_native(array, region, values)
+    region = _chunk_aligned(array, region)
+    if not array.config.write_empty_chunks:
+        array = array.with_config(ARRAY_CONFIG)
+    pieces = _chunk_regions(region, grid(array))
+    codec = _ChunkCodec.of(array)
+
+    def store(piece, part):
+        if codec is None:
+            array[piece] = part
+        else:
+            _write_chunk(array, codec, piece, part)
+
+    if len(pieces) == 1:
+        with user_errors(url, "writing"):
+            store(region, values)
+        return
+    # Zarr writes a many-chunk region with asyncio.gather, which on the first
+    # error leaves the other chunk writes running in the background, even
+    # after the caller has removed the store: one chunk per Zarr call instead,
+    # from threads that are all finished when the error is raised
+    values = np.asarray(values)
+
+    def write(_, piece):
+        part = values if values.ndim == 0 else values[tuple(
+            slice(p.start - r.start, p.stop - r.start) for p, r in zip(piece, region))]
+        with user_errors(url, "writing"):
+            store(piece, part)
+        return 0
+
+    for_each_block(pieces, write, workers=int(zarr.config.get("async.concurrency")))
+
+
+
+
+_BLOSC_SHUFFLE = {"noshuffle": numcodecs.blosc.NOSHUFFLE, "shuffle": numcodecs.blosc.SHUFFLE,
+                  "bitshuffle": numcodecs.blosc.BITSHUFFLE}
+_NATIVE = "little" if np.little_endian else "big"
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _value(x):
+    """An enum's value (zarr's codec settings), or ``x`` itself."""
+    return getattr(x, "value", x)
+
+
+@dataclass(frozen=True)
+class _ChunkCodec:
+    """How one chunk of an array is stored: its shape, dtype and fill value,
+    and the Blosc settings ``(cname, clevel, shuffle, blocksize, typesize)``
+    (None: raw bytes)."""
+
+    chunk_shape: tuple
+    dtype: np.dtype
+    fill_value: object
+    blosc: tuple | None
+    # sharded: the inner chunks' shape, and whether the index has a CRC32C
+    inner: tuple | None = None
+    index_crc: bool = False
+
+    @classmethod
+    def of(cls, array) -> "_ChunkCodec | None":
+        """The codec of a Zarr v3 array whose chunks this module can read and
+        write itself (regular grid, native byte order, [Blosc]), else None."""
+        meta = getattr(array, "metadata", None)
+        if not isinstance(array, zarr.Array) or getattr(meta, "zarr_format", None) != 3:
+            return None
+        shape = getattr(meta.chunk_grid, "chunk_shape", None)
+        codecs = tuple(meta.codecs)
+        if shape is None or tuple(shape) != grid(array) or not codecs:
+            return None
+        if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+            return cls._sharded(array, codecs[0], tuple(int(g) for g in shape))
+        return cls._plain(array, codecs, shape)
+
+    @classmethod
+    def _sharded(cls, array, sharding, shape) -> "_ChunkCodec | None":
+        """A sharded array's codec: its inner chunks' must be ours, its
+        index at the end, with or without a checksum."""
+        inner = tuple(int(c) for c in sharding.chunk_shape)
+        index = tuple(sharding.index_codecs)
+        if (_value(sharding.index_location) != "end" or not index
+                or not isinstance(index[0], BytesCodec) or _value(index[0].endian) != "little"
+                or not all(isinstance(c, Crc32cCodec) for c in index[1:]) or len(index) > 2):
+            return None
+        plain = cls._plain(array, tuple(sharding.codecs), inner)
+        if plain is None or any(s % i for s, i in zip(shape, inner)):
+            return None
+        return cls(shape, plain.dtype, plain.fill_value, plain.blosc, inner, len(index) == 2)
+
+    @classmethod
+    def _plain(cls, array, codecs, shape) -> "_ChunkCodec | None":
+        meta = array.metadata
+        dtype = np.dtype(array.dtype)
+        if not isinstance(codecs[0], BytesCodec) or dtype.kind not in "biuf":
+            return None
+        if dtype.itemsize > 1 and (_value(codecs[0].endian) != _NATIVE or not dtype.isnative):
+            return None
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        blosc = None
+        if len(codecs) == 2 and isinstance(codecs[1], BloscCodec):
+            c = codecs[1]
+            shuffle = _BLOSC_SHUFFLE.get(_value(c.shuffle))
+            if shuffle is None or nbytes > numcodecs.blosc.MAX_BUFFERSIZE:
+                return None
+            blosc = (str(_value(c.cname)), int(c.clevel), shuffle, int(c.blocksize or 0),
+                     int(c.typesize or dtype.itemsize))
+        elif len(codecs) != 1:
+            return None
+        return cls(tuple(int(g) for g in shape), dtype, meta.fill_value, blosc)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.chunk_shape)) * self.dtype.itemsize
+
+    @property
+    def inner_codec(self) -> "_ChunkCodec":
+        """The codec of one inner chunk of a shard."""
+        return _ChunkCodec(self.inner, self.dtype, self.fill_value, self.blosc)
+
+    def inner_regions(self) -> list:
+        """Each inner chunk's slices within a shard, in the index's (C) order."""
+        axes = [[slice(a, a + i) for a in range(0, s, i)]
+                for s, i in zip(self.chunk_shape, self.inner)]
+        return list(itertools.product(*axes))
+
+    def decode(self, data, out: np.ndarray) -> None:
+        """Stored bytes into ``out`` (a C-contiguous chunk or shard)."""
+        if self.inner is not None:
+            self._decode_shard(data, out)
+            return
+        target = out.reshape(-1).view(np.uint8)
+        if self.blosc is None:
+            if len(data) != self.nbytes:
+                raise ValueError(f"it holds {len(data)} bytes, not {self.nbytes}")
+            target[:] = np.frombuffer(data, np.uint8)
+            return
+        # the header's sizes first: Blosc trusts them, so a cut or foreign
+        # object must not reach the decoder
+        if len(data) < numcodecs.blosc.MAX_OVERHEAD:
+            raise ValueError(f"{len(data)} bytes are no Blosc chunk")
+        size, stored, _ = numcodecs.blosc._cbuffer_sizes(data)
+        if stored != len(data) or size != self.nbytes:
+            raise ValueError(f"its Blosc header says {stored} bytes decoding to {size}; "
+                             f"it has {len(data)} and should decode to {self.nbytes}")
+        numcodecs.blosc.decompress(data, target)
+
+    def _index(self, data) -> np.ndarray:
+        """A shard's ``(offset, nbytes)`` rows, checked against its size."""
+        count = math.prod(s // i for s, i in zip(self.chunk_shape, self.inner))
+        size = 16 * count + 4 * self.index_crc
+        if len(data) < size:
+            raise ValueError(f"it holds {len(data)} bytes, less than its index ({size})")
+        raw = np.frombuffer(data, np.uint8, size, len(data) - size)
+        if self.index_crc and google_crc32c.value(raw[:-4].tobytes()) != int(
+                raw[-4:].view("<u4")[0]):
+            raise ValueError("its index fails its checksum")
+        index = raw[:16 * count].view("<u8").reshape(count, 2)
+        body = len(data) - size
+        live = index[:, 0] != _EMPTY
+        if np.any(index[live, 0] + index[live, 1] > body):
+            raise ValueError("its index points past its data")
+        return index
+
+    def _decode_shard(self, data, out: np.ndarray) -> None:
+        inner = self.inner_codec
+        view = memoryview(data).cast("B")
+        for (offset, nbytes), region in zip(self._index(data), self.inner_regions()):
+            target = out[region]
+            if offset == _EMPTY:
+                target[...] = self.fill_value
+                continue
+            piece = view[int(offset):int(offset + nbytes)]
+            if target.flags.c_contiguous:
+                inner.decode(piece, target)
+            else:
+                whole = np.empty(self.inner, self.dtype)
+                inner.decode(piece, whole)
+                target[...] = whole
+
+    def _encode_shard(self, shard: np.ndarray):
+        inner = self.inner_codec
+        parts, index, offset = [], [], 0
+        for region in self.inner_regions():
+            part = inner.encode(np.ascontiguousarray(shard[region]))
+            parts.append(part)
+            index.append((offset, len(part)))
+            offset += len(part)
+        table = np.asarray(index, "<u8").tobytes()
+        if self.index_crc:
+            table += np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
+        return b"".join([*(bytes(p) for p in parts), table])
+
+    def encode(self, chunk: np.ndarray):
+        """A C-contiguous chunk (or shard) as stored bytes (a view of it when
+        raw and not sharded)."""
+        if self.inner is not None:
+            return self._encode_shard(chunk)
+        data = memoryview(chunk.reshape(-1).view(np.uint8))
+        if self.blosc is None:
+            return data
+        cname, clevel, shuffle, blocksize, typesize = self.blosc
+        return numcodecs.blosc.compress(data, cname.encode(), clevel, shuffle, blocksize,
+                                        typesize=typesize)
+
+    def encode_region(self, region, values):
+        """``(chunk grid position, stored bytes)`` of one chunk: ``region``
+        (slices) is one chunk, cut at the array's edge; ``values`` of its
+        shape, or broadcastable to it."""
+        coords = tuple(s.start // c for s, c in zip(region, self.chunk_shape))
+        shape = tuple(s.stop - s.start for s in region)
+        values = np.asarray(values)
+        if shape == self.chunk_shape and values.shape == shape:
+            chunk = _c_order(values, self.dtype)
+        else:
+            # an edge chunk is stored whole, padded with the fill value (as
+            # Zarr does); a scalar is broadcast
+            chunk = np.empty(self.chunk_shape, self.dtype)
+            if shape != self.chunk_shape:
+                chunk[...] = self.fill_value
+            inner = chunk[tuple(slice(0, n) for n in shape)]
+            inner[...] = _c_order(values, self.dtype) if values.shape == shape else values
+        return coords, self.encode(chunk)
+
+
+def _c_order(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` as a C-contiguous array of ``dtype`` (itself when it is
+    one). A volume-major block (predicted from a NIfTI) is transposed a
+    z-plane at a time, several times faster than one numpy copy."""
+    if values.flags.c_contiguous and values.dtype == dtype:
+        return values
+    if values.ndim == 4:
+        return to_c_order(values, dtype)
+    return np.ascontiguousarray(values, dtype=dtype)
+
+
+def _chunk_key(metadata, path, coords) -> str:
+    """The store key of the chunk at grid position ``coords`` of the array
+    at ``path`` in its store."""
+    key = metadata.encode_chunk_key(tuple(int(c) for c in coords))
+    return f"{path}/{key}" if path else key
+
+
+def _write_chunk(array, codec: _ChunkCodec, region, values) -> None:
+    """Encode and store one chunk (see :meth:`_ChunkCodec.encode_region`)."""
+    coords, data = codec.encode_region(region, values)
+    _put_chunk(array.store, _chunk_key(array.metadata, array.path, coords), data)
+
+
+def _put_chunk(store, key, data, scratch=None) -> None:
+    """Write one object; on a local store under a temporary name that is
+    renamed into place (as Zarr does), so a chunk file is always whole.
+    ``scratch(n)``, if given, lends an aligned buffer of ``n`` bytes."""
+    if getattr(store, "read_only", False):
+        # what Zarr says for a write through a read-only array
+        raise ValueError("store was opened in read-only mode and does not support writing")
+    if isinstance(store, LocalStore):
+        path = os.path.join(str(store.root), *key.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{uuid.uuid4().hex}.partial"
+        try:
+            _write_file(tmp, data, scratch)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return
+    buffer = default_buffer_prototype().buffer.from_bytes(bytes(data))
+    sync(store.set(key, buffer))
+
+
+# below this, a file is written with one plain write
+_DIRECT_MIN = 1 << 20
+
+
+def _aligned(n: int) -> np.ndarray:
+    """An empty byte buffer of ``n`` bytes starting on an :data:`ALIGN` boundary."""
+    raw = np.empty(n + ALIGN, np.uint8)
+    start = (-raw.ctypes.data) % ALIGN
+    return raw[start:start + n]
+
+
+def _write_file(path, data, scratch=None) -> None:
+    """A new file holding ``data``; a large one mostly with direct I/O.
+
+    A buffered write costs the kernel a fresh page-cache page per 4 KiB
+    (measured here: often ten times the cost of the copy itself); a direct
+    write sends the bytes from memory to the device. The encoder's output is
+    not aligned, so it is copied into an aligned buffer first (``scratch``'s
+    or a new one). Where direct I/O is unavailable or refused, everything
+    goes through the page cache (see :class:`.direct_io.RunWriter`).
+    """
+    data = memoryview(data).cast("B")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if len(data) < _DIRECT_MIN or not getattr(os, "O_DIRECT", 0):
+        try:
+            _write_all(fd, data)
+        finally:
+            os.close(fd)
+        return
+    os.close(fd)
+    aligned = scratch(len(data)) if scratch is not None else _aligned(len(data))
+    aligned[:] = np.frombuffer(data, np.uint8)
+    writer = RunWriter(path)
+    try:
+        writer.write(aligned, 0)
+    finally:
+        writer.close(sync=False)
+
+
+def _write_all(fd, view) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], done)
+
+
+def _get_chunk(store, key):
+    """One object's bytes (a buffer), or None if it does not exist."""
+    if isinstance(store, LocalStore):
+        path = os.path.join(str(store.root), *key.split("/"))
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            if os.fstat(fd).st_size == 0:
+                return b""
+            # the file's cached pages mapped in (one call for all), not
+            # copied: the decoder reads them where they are. Chunk files are
+            # replaced by renames, never truncated, so none shrinks while it
+            # is mapped.
+            return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | _MAP_POPULATE,
+                             prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buffer is None else buffer.as_numpy_array()
+
+
+class _ChunkReader:
+    """What a read task needs (plain, picklable): the store, the array's
+    key layout and its :class:`_ChunkCodec`."""
+
+    def __init__(self, array, codec: _ChunkCodec, url: str, reverse: bool = False):
+        self.array_meta = array.metadata
+        self.store, self.path = array.store, array.path
+        self.shape, self.codec, self.url = tuple(array.shape), codec, url
+        self.reverse = reverse
+
+    def key(self, coords) -> str:
+        return _chunk_key(self.array_meta, self.path, coords)
+
+    def read(self, coords) -> np.ndarray:
+        """The chunk at grid position ``coords``, cut at the array's edge
+        (C-contiguous; the fill value where the chunk does not exist)."""
+        codec = self.codec
+        starts = [c * n for c, n in zip(coords, codec.chunk_shape)]
+        shape = tuple(min(n, s - a) for n, s, a in zip(codec.chunk_shape, self.shape, starts))
+        with user_errors(self.url, "reading"):
+            data = _get_chunk(self.store, self.key(coords))
+        if data is None:
+            return np.full(shape, codec.fill_value, codec.dtype)
+        whole = np.empty(codec.chunk_shape, codec.dtype)
+        try:
+            codec.decode(data, whole)
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"reading {self.url}: chunk {self.key(coords)} is damaged: "
+                             f"{exc}") from exc
+        finally:
+            if isinstance(data, mmap.mmap):
+                with contextlib.suppress(BufferError):  # else it goes with the object
+                    data.close()
+        if shape == codec.chunk_shape:
+            return whole
+        return np.ascontiguousarray(whole[tuple(slice(0, n) for n in shape)])
+
+
+def _read_chunk_task(block_info=None, reader: _ChunkReader = None):
+    coords = block_info[None]["chunk-location"]
+    if not reader.reverse:
+        return reader.read(coords)
+    # NIfTI order: the stored chunk's transpose, a Fortran-ordered view
+    return reader.read(tuple(reversed(coords))).T
+
+
+# ---------------------------------------------------------------------------
+# Chunks written by background threads.
+
+
+class ChunkWriter:
+    """Stores encoded chunks of one store from background threads.
+
+    A prediction task encodes its chunk (CPU work, in its own thread) and
+    hands the bytes over; it goes on computing while a writer thread waits
+    for the storage, then runs ``then`` (e.g. marking the chunk done). The
+    queue is short, so at most ``depth + threads`` encoded chunks wait in
+    memory. Each thread keeps one aligned buffer for direct writes (see
+    :func:`_write_file`), reused from chunk to chunk.
+    """
+
+    def __init__(self, url, depth: int = 1, threads: int = 2):
+        self.url = url
+        self.queue = queue.Queue(maxsize=depth)
+        self.error = None
+        self.threads = [threading.Thread(target=self._run, name=f"p2s-chunk-writer-{i}",
+                                         daemon=True) for i in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, store, key, data, then=None) -> None:
+        """Queue one object (waits while the queue is full); raises the
+        error of an earlier write, if any."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put((store, key, data, then))
+
+    def _run(self):
+        buffer = np.empty(0, np.uint8)
+
+        def scratch(n):
+            nonlocal buffer
+            if buffer.size < n:
+                buffer = np.empty(0, np.uint8)  # the old one freed first
+                buffer = _aligned(n)
+            return buffer[:n]
+
+        while True:
+            item = self.queue.get()
+            try:
+                if item is None:
+                    return
+                store, key, data, then = item
+                item = None  # the bytes go once written
+                if self.error is None:
+                    with user_errors(self.url, "writing"):
+                        _put_chunk(store, key, data, scratch)
+                    del data
+                    if then is not None:
+                        then()
+            except BaseException as exc:  # reported by submit() and close()
+                self.error = exc
+            finally:
+                self.queue.task_done()
+
+    def close(self) -> None:
+        """Wait for every queued chunk; raise the first error, if any."""
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+_WRITERS: dict = {}
+_WRITERS_LOCK = threading.Lock()
+
+
+def _on_distributed_worker() -> bool:
+    worker = sys.modules.get("distributed.worker")
+    if worker is None:
+        return False
+    try:
+        worker.get_worker()
+    except ValueError:
+        return False
+    return True
+
+
+def submit_region(array, region, values, url, then=None) -> None:
+    """:func:`write_region` for a prediction task: the chunk is encoded now
+    and stored by this process's background writer of ``url``, then
+    ``then()`` runs. :func:`finish_region_writes` waits for them.
+
+    On a ``distributed`` worker (which may die with chunks still queued,
+    after the scheduler has taken its tasks as done), for a region of several
+    chunks, or for an array whose codecs this module does not write itself,
+    the write happens now, as :func:`write_region`.
+
+    Raises
+    ------
+    InputError
+        For this chunk, or for an earlier one of the same writer that failed.
+    """
+    array, region, values = _to_native(array, region, values)
+    region = _chunk_aligned(array, region)
+    codec = _ChunkCodec.of(array)
+    if (codec is None or len(_chunk_regions(region, grid(array))) != 1
+            or _on_distributed_worker()):
+        write_region(array, region, values, url)
+        if then is not None:
+            then()
+        return
+    coords, data = codec.encode_region(region, values)
+    del values
+    key = _chunk_key(array.metadata, array.path, coords)
+    with _WRITERS_LOCK:
+        writer = _WRITERS.get(url)
+        if writer is None:
+            writer = _WRITERS[url] = ChunkWriter(url)
+    writer.submit(array.store, key, data, then)
+
+
+def finish_region_writes(url) -> bool:
+    """Wait for this process's background writes to ``url`` (if any) and
+    raise the first error. Run on every worker (``client.run``) once all
+    tasks are done. Returns whether there was a writer."""
+    with _WRITERS_LOCK:
+        writer = _WRITERS.pop(url, None)
+    if writer is None:
+        return False
+    writer.close()
+    return True
