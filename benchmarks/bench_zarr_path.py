@@ -216,7 +216,8 @@ def main(argv=None):
                     "python": platform.python_version()},
         "options": {"memory_limit": args.memory_limit, "malloc_reuse": args.malloc_reuse,
                     "chunks": args.chunks},
-        "stored_chunks": json.loads((store / "dwi" / "zarr.json").read_text())
+        # array 0 (t, z, y, x): one shard per spatial block of all volumes
+        "stored_shards": json.loads((store / "0" / "zarr.json").read_text())
         ["chunk_grid"]["configuration"]["chunk_shape"],
         "convert_seconds": convert,
         "runs": runs,

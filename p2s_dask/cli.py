@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"p2s-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    conv = sub.add_parser("convert", help="NIfTI <-> Zarr (chosen by the names)",
+    conv = sub.add_parser("convert", help="NIfTI <-> NIfTI-Zarr store (chosen by the names)",
                           formatter_class=_Help)
     conv.add_argument("input", metavar="IN")
     conv.add_argument("output", metavar="OUT")

@@ -174,7 +174,6 @@ def _run_plan(run: Run, executor, report: Report) -> None:
                    "output": plan.output_mode, "memory_per_worker": plan.memory_per_worker,
                    "threads_per_worker": plan.threads_per_worker}
     work = WorkStore(run.work_url, run.opts.storage_options)
-    _check_output_state(run, work)
     report.started_over = work.start(identity(run, plan)) or ""
     if report.started_over:
         logger.warning("starting over: %s", report.started_over)
@@ -255,16 +254,6 @@ def _refuse_existing_sidecars(out, out_kind, wurl, opts):
             from .options import spell
             raise InputError(f"{url} exists (OUT's sidecar); use {spell('overwrite')} "
                              "to replace it")
-
-
-def _check_output_state(run: Run, work: WorkStore):
-    """An unfinished OUT store is resumed only with its own work store."""
-    if run.opts.overwrite or not exists(run.out, run.opts.storage_options):
-        return
-    if work.identity() is None:
-        from .options import spell
-        raise InputError(f"{run.out} exists (an unfinished store not made by this run); "
-                         f"use {spell('overwrite')} to replace it")
 
 
 def plan_for(run: Run, executor):

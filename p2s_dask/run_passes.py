@@ -28,7 +28,7 @@ from .io.malloc import reuse_freed_memory
 from .io.nifti_direct import open_nifti
 from .io.sidecars import write_sidecars
 from .io.urls import describe_error, is_local, local_path
-from .io.zarr_store import store_state
+from .io.zarr_store import compressor_for, store_state
 from .plan import region_key
 from .sinks import NiftiDirectSink, NiftiViaZarrSink, ZarrSink
 from .validate import describe_nonfinite
@@ -48,12 +48,9 @@ def execute(run, plan, work, executor, report) -> None:
     timed = _Timer(report)
     with timed("input", work):
         values = stage_input(run, plan, work, executor, report)
-    if plan.input_mode == "in-place":
-        # every task allocates a block and its prediction of the same size:
-        # let the allocator hand freed ones back instead of fresh pages. Not
-        # for stores: their decode buffers would stay too, and the peak of a
-        # small budget grew past it (tests/test_memory.py)
-        reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
+    # every task allocates a block and its prediction of the same size: let
+    # the allocator hand freed ones back instead of fresh pages
+    reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
     arr = engine.as_chunked(values, plan.chunks, run.radius)
     with timed("statistics", work):
         summary = statistics(run, arr, work, executor, report)
@@ -62,7 +59,7 @@ def execute(run, plan, work, executor, report) -> None:
     with timed("minima", work):
         post = post_processing(run, arr, fitted, work, executor, report)
     with timed("predict", work):
-        sink = make_sink(run, plan, work, post.slope)
+        sink = make_sink(run, plan, work, post.slope, sample_block(values, plan, executor))
         clipped = predict(run, plan, arr, fitted, post, sink, work, executor, report)
     if clipped:
         logger.warning("%d denoised values fell outside the range of %s and were "
@@ -227,17 +224,28 @@ def post_processing(run, arr, fitted, work, executor, report) -> Post:
     return Post(shift, slope, outside_range(lowest, highest, run.out_dtype, 1 / slope))
 
 
-def make_sink(run, plan, work, slope=1.0):
-    """The sink of the plan's output mode."""
+def make_sink(run, plan, work, slope=1.0, sample=None):
+    """The sink of the plan's output mode; a store's codec is chosen by how
+    well ``sample`` (some input values, see :func:`sample_block`) compresses."""
     out_meta = run.meta.for_values(run.out_dtype, run.shape, slope=slope)
     so = run.opts.storage_options
     if plan.output_mode == "nifti-direct":
         return NiftiDirectSink(run.out, work, out_meta)
+    codec = None if sample is None else compressor_for(sample, run.out_dtype)
     if plan.output_mode == "zarr":
-        return ZarrSink(run.out, work, out_meta, plan.chunks, so)
+        return ZarrSink(run.out, work, out_meta, plan.chunks, so, compressor=codec)
     return NiftiViaZarrSink(run.out, work, out_meta, plan.chunks, so,
                             memory_limit=run.budget, tmp_dir=_scratch_dir(run, work),
-                            progress=run.opts.progress)
+                            progress=run.opts.progress, compressor=codec)
+
+
+def sample_block(values, plan, executor):
+    """The input's middle block (all volumes), for choosing an output codec;
+    None for a ``.nii`` written in place, which has none."""
+    if plan.output_mode == "nifti-direct":
+        return None
+    middle = tuple(len(c) // 2 for c in values.chunks[:3]) + (0,)
+    return executor.compute(values.blocks[middle], "sample")
 
 
 def predict(run, plan, arr, fitted, post, sink, work, executor, report) -> int:

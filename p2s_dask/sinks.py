@@ -67,9 +67,9 @@ class NiftiDirectSink:
 class ZarrSink:
     """A Zarr output store, chunk by chunk."""
 
-    def __init__(self, out, work, meta, chunks, storage_options=None):
+    def __init__(self, out, work, meta, chunks, storage_options=None, compressor=None):
         self.out, self.meta, self.chunks = out, meta, tuple(chunks)
-        self.so = storage_options
+        self.so, self.compressor = storage_options, compressor
         # a local store is built aside and renamed into place: OUT is either
         # the old output or the complete new one, never half of each
         self.in_place = not is_local(out)
@@ -85,7 +85,7 @@ class ZarrSink:
             remove(self.url, self.so)
         self.array = create_dwi_store(self.url, self.meta.shape, self.meta.raw_dtype,
                                       self.chunks, self.meta, overwrite=True,
-                                      storage_options=self.so)
+                                      storage_options=self.so, compressor=self.compressor)
         return False
 
     def buffer(self, region, dtype):
@@ -120,8 +120,8 @@ class NiftiViaZarrSink(ZarrSink):
     streamed into OUT at commit."""
 
     def __init__(self, out, work, meta, chunks, storage_options=None, memory_limit=None,
-                 tmp_dir=None, progress=False):
-        super().__init__(out, work, meta, chunks, storage_options)
+                 tmp_dir=None, progress=False, compressor=None):
+        super().__init__(out, work, meta, chunks, storage_options, compressor)
         self.in_place = False
         self.url = work.file("output.zarr")
         self.memory_limit, self.tmp_dir, self.progress = memory_limit, tmp_dir, progress

@@ -10,6 +10,7 @@ at most twice is enough, the scratch file is skipped.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import posixpath
@@ -30,6 +31,7 @@ from .scratch import BlockScratch, for_each_block
 from .urls import exists, is_local, kind_of, local_path, user_errors
 from .zarr_store import (
     OutputExistsError,
+    compressor_for,
     create_dwi_store,
     discard,
     mark_complete,
@@ -87,7 +89,7 @@ def _check_kinds(src, want_src, dst, want_dst):
 def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, bvals=None,
                   bvecs=None, overwrite=False, storage_options=None, tmp_dir=None,
                   progress=True) -> DwiMeta:
-    """Convert a NIfTI DWI to our Zarr layout, reading the file once.
+    """Convert a NIfTI DWI to a NIfTI-Zarr store, reading the file once.
 
     Parameters
     ----------
@@ -140,18 +142,24 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
         # (float64), so denoise reads these chunks as they are
         the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, chunks,
                         chunk_itemsize=8)
+        # the first slab decides whether the data is worth compressing
+        slabs = _nifti_slabs(reader, the_plan)
+        first = next(slabs)
+        slabs = itertools.chain([first], slabs)
         store = create_dwi_store(dst, meta.shape, meta.raw_dtype, the_plan.chunks, meta,
-                                 overwrite=overwrite, storage_options=storage_options)
+                                 overwrite=overwrite, storage_options=storage_options,
+                                 compressor=compressor_for(first[1], meta.raw_dtype))
+        del first
         try:
             total = reader.data_bytes
             if the_plan.single_slab:
                 with _bar(progress, total, f"read {_name(src)}") as bar:
-                    _nifti_into_store(reader, store, dst, the_plan, bar)
+                    _nifti_into_store(slabs, store, dst, the_plan, bar)
             else:
                 with BlockScratch(meta.shape, the_plan.chunks, meta.raw_dtype,
                                   tmp_dir) as scratch:
                     with _bar(progress, total, f"read {_name(src)}") as bar:
-                        _nifti_into_scratch(reader, scratch, the_plan, bar)
+                        _nifti_into_scratch(slabs, scratch, bar)
                     with _bar(progress, total, f"write {_name(dst)}") as bar:
                         _scratch_into_store(scratch, store, dst, the_plan, bar)
             mark_complete(dst, storage_options)
@@ -176,7 +184,7 @@ def _nifti_slabs(reader, the_plan):
         yield (v0, z0), reader.read_slab((x, y, z1 - z0, v1 - v0))
 
 
-def _nifti_into_store(reader, store, url, the_plan, bar):
+def _nifti_into_store(slabs, store, url, the_plan, bar):
     """All the data as one slab, straight into the store's chunks."""
 
     def write(item):
@@ -186,10 +194,10 @@ def _nifti_into_store(reader, store, url, the_plan, bar):
         bar.update(slab.nbytes)
 
     with zarr_concurrency(_concurrency(the_plan.slab_bytes, the_plan.chunk_bytes)):
-        run_pipelined(_nifti_slabs(reader, the_plan), write)
+        run_pipelined(slabs, write)
 
 
-def _nifti_into_scratch(reader, scratch, the_plan, bar):
+def _nifti_into_scratch(slabs, scratch, bar):
     """Stream the NIfTI's slabs into the scratch file's pieces."""
 
     def write(item):
@@ -198,8 +206,8 @@ def _nifti_into_scratch(reader, scratch, the_plan, bar):
         scratch.write_slab(slab, v0, z0)
         bar.update(slab.nbytes)
 
-    # gunzip in one thread while the other transposes and writes pieces
-    run_pipelined(_nifti_slabs(reader, the_plan), write)
+    # gunzip in one thread while the other cuts and writes pieces
+    run_pipelined(slabs, write)
 
 
 def _scratch_into_store(scratch, store, url, the_plan, bar):

@@ -7,9 +7,10 @@ on-disk type (native byte order), axes (t, z, y, x), sharded: one shard (one
 object) holds all volumes of a spatial block, which is what Patch2Self reads
 together, and is made of one inner chunk per volume, so a viewer reading one
 volume fetches a small part of each shard (the shard index tells which).
-Inner chunks are compressed with Blosc LZ4 + byte shuffle: on noisy int16
-and float32 DWI data it encodes at over 1 GB/s and decodes faster, with a
-better ratio than plain zstd level 1 (which encodes 3-5 times slower).
+Inner chunks are compressed with Blosc LZ4 + byte shuffle (on DWI data it
+encodes at over 1 GB/s and decodes faster, with a better ratio than plain
+zstd level 1, which encodes 3-5 times slower), or stored raw when a sample
+of the data would not shrink enough (:func:`compressor_for`).
 
 A store that is being written has no root ``zarr.json``: to Zarr, xarray,
 ome-zarr and nifti-zarr it is no image at all, not one full of zeros. Its
@@ -42,6 +43,7 @@ import warnings
 
 import dask
 import dask.array as da
+import numcodecs.blosc
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
@@ -115,6 +117,34 @@ def default_compressor() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
 
+# below this saving, compression costs more than it gives: every pass of a
+# denoising run decodes the whole store (Blosc at ~2 GB/s a core, against a
+# copy at ~6), for a store a few per cent smaller
+MIN_SAVING = 0.2
+
+
+def compressor_for(sample, dtype=None):
+    """:func:`default_compressor`, or False (store raw) for data it would not
+    shrink by :data:`MIN_SAVING`: typically float32 with noise in every
+    voxel, whose mantissas do not compress (an HCP-like acquisition saves
+    13%), while integer data with a background shrinks several times.
+
+    Parameters
+    ----------
+    sample : ndarray
+        Some of the values to store (e.g. one block of all volumes).
+    dtype : numpy dtype, optional
+        The stored type (default the sample's).
+    """
+    codec = default_compressor()
+    raw = np.ascontiguousarray(sample, dtype=dtype or np.asarray(sample).dtype).reshape(-1)
+    if raw.nbytes == 0:
+        return codec
+    packed = numcodecs.blosc.compress(memoryview(raw.view(np.uint8)), b"lz4", codec.clevel,
+                                      numcodecs.blosc.SHUFFLE, 0, typesize=raw.itemsize)
+    return codec if len(packed) <= (1 - MIN_SAVING) * raw.nbytes else False
+
+
 def zarr_store(url, storage_options=None, read_only=False):
     """A Zarr store for a local path (LocalStore) or fsspec URL (FsspecStore).
 
@@ -179,7 +209,9 @@ def _put_json(store, key, value) -> None:
 def _array_codecs(dtype, shard, compressor):
     """Shards of all volumes of a block; one inner chunk per volume."""
     inner = (1, *shard[1:])
-    return dict(shards=shard, chunks=inner, compressors=compressor or default_compressor(),
+    if compressor is None:
+        compressor = default_compressor()
+    return dict(shards=shard, chunks=inner, compressors=compressor or None,
                 fill_value=0, dimension_names=ome.AXES, config=ARRAY_CONFIG)
 
 
@@ -221,8 +253,9 @@ def create_dwi_store(url, shape, dtype, chunks, meta: DwiMeta, *, overwrite=Fals
     overwrite : bool, optional
         Replace an existing store (or file) at ``url``; otherwise refuse.
     storage_options : dict, optional
-    compressor : zarr codec, optional
-        Of the inner chunks. Default :func:`default_compressor`.
+    compressor : zarr codec or False, optional
+        Of the inner chunks: default :func:`default_compressor`; False
+        stores them raw (see :func:`compressor_for`).
 
     Returns
     -------
