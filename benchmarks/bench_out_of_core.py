@@ -4,15 +4,29 @@ Generates (streaming, one volume at a time) a 4D int16 NIfTI with 300 volumes
 and at least 10 GB of voxel data, runs ``p2s-dask denoise IN OUT
 --memory-limit 2GiB`` in a subprocess, samples the peak RSS of that whole
 process tree, and reads the time of each stage from the command's JSON
-report. The I/O floor is measured in the same run, before and after the
-denoise (the speed of a shared cloud disk drifts): reading the input once
-and writing a file of the same size (with the page cache dropped first, when
-this user may drop it). The ratio is taken to the mean of the two.
+report. Both floors are measured in the same run on the same machine
+(``floors.py``):
+
+- the I/O floor, before and after the denoise (the speed of a shared cloud
+  disk drifts): reading the input once and writing a file of the same size
+  (with the page cache dropped first, when this user may drop it); the
+  ratios use the mean of the two;
+- the compute floor, after the denoise: the run's BLAS calls (statistics
+  once, the prediction once per pass that predicts), cut into the run's
+  chunks and pieces, on as many threads as the run used.
+
+It prints ``whole / (compute + I/O)`` (target <= 1.25), ``whole /
+max(compute, I/O)`` (target <= 1.6) and the peak RSS of the process tree
+(target < 2.5 GiB).
 
 Usage::
 
     python benchmarks/bench_out_of_core.py --shape 256 256 256 --nvols 300 \
         --workdir /tmp/p2s_ooc --json benchmarks/results/bench_out_of_core.json
+
+Options after ``--`` go to ``p2s-dask denoise`` (``-- --patch-radius 1``);
+the compute floor follows the options the run wrote into its output's
+``.json`` sidecar (radius, mask, intensity shift, prediction arithmetic).
 """
 
 from __future__ import annotations
@@ -21,8 +35,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,19 +42,7 @@ import nibabel as nib
 import numpy as np
 import psutil
 
-from p2s_dask.memory import PeakMemory
-
-CHUNK = 16 << 20
-
-
-def drop_caches() -> bool:
-    """Drop the page cache so that reads come from the disk (root only)."""
-    try:
-        os.sync()
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
+from floors import floor_of_run, floor_rows, io_floor, print_rows, ratio_rows, ratios, run_cli
 
 
 def generate(path: Path, shape, nvols, seed=0):
@@ -91,51 +91,6 @@ def generate(path: Path, shape, nvols, seed=0):
     np.savetxt(base + ".bvec", vecs, fmt="%.6f")
 
 
-def io_floor(src: Path, scratch: Path) -> dict:
-    """Seconds to read ``src`` once and to write (and fsync) as many bytes."""
-    dropped = drop_caches()
-    t0 = time.perf_counter()
-    size = 0
-    with open(src, "rb", buffering=0) as fh:
-        buf = bytearray(CHUNK)
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            size += n
-    read_s = time.perf_counter() - t0
-    block = np.random.default_rng(1).integers(0, 255, CHUNK, dtype=np.uint8).tobytes()
-    t0 = time.perf_counter()
-    with open(scratch, "wb", buffering=0) as fh:
-        left = size
-        while left > 0:
-            left -= fh.write(block[: min(CHUNK, left)])
-        os.fsync(fh.fileno())
-    write_s = time.perf_counter() - t0
-    scratch.unlink()
-    return dict(bytes=size, read_s=read_s, write_s=write_s, floor_s=read_s + write_s,
-                cache_dropped=dropped)
-
-
-def run_denoise(src: Path, out: Path, memory_limit: str, extra) -> dict:
-    """Run the CLI and sample the RSS of its whole process tree."""
-    report = out.with_suffix(".report.json")
-    cmd = [sys.executable, "-m", "p2s_dask.cli", "denoise", str(src), str(out),
-           "--memory-limit", memory_limit, "--report-json", str(report), "--quiet",
-           "--overwrite", *extra]
-    drop_caches()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    with PeakMemory(proc.pid) as peak:
-        rc = proc.wait()
-    wall = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(f"p2s-dask failed with exit code {rc}")
-    stages = json.loads(report.read_text())
-    report.unlink()
-    return dict(wall_s=wall, peak_rss_tree=peak.peak, command=" ".join(cmd[1:]), **stages)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,6 +100,9 @@ def main(argv=None):
     p.add_argument("--workdir", default="/tmp/p2s_ooc")
     p.add_argument("--keep", action="store_true", help="keep the generated data")
     p.add_argument("--json", default="benchmarks/results/bench_out_of_core.json")
+    p.add_argument("--floor-seconds", type=float, default=30.0,
+                   help="time at most this many seconds of each part of the compute "
+                        "floor and scale by the operations left (0: time every call)")
     p.add_argument("extra", nargs="*", help="extra p2s-dask denoise options (after --)")
     a = p.parse_args(argv)
 
@@ -160,31 +118,40 @@ def main(argv=None):
     floor = io_floor(src, work / "floor.tmp")
     print(f"I/O floor: read {floor['read_s']:.1f} s + write {floor['write_s']:.1f} s "
           f"= {floor['floor_s']:.1f} s", flush=True)
-    res = run_denoise(src, work / "dwi_denoised.nii", a.memory_limit, a.extra)
+    res = run_cli(src, work / "dwi_denoised.nii", a.memory_limit, a.extra)
     # the disk's speed drifts (a shared cloud volume): measure the floor again
     # right after the run and compare with the mean of the two
     after = io_floor(src, work / "floor.tmp")
     print(f"I/O floor after: read {after['read_s']:.1f} s + write {after['write_s']:.1f} s "
           f"= {after['floor_s']:.1f} s", flush=True)
     floor_mean = (floor["floor_s"] + after["floor_s"]) / 2
+    if res.get("resumed"):
+        print(f"warning: the run resumed earlier work ({', '.join(res['resumed'])}): "
+              "its time is not a whole run", flush=True)
+    bvals = np.loadtxt(work / "dwi.bval", ndmin=1)
+    compute = floor_of_run(res, res["output"], bvals, integer=True,
+                           max_seconds=a.floor_seconds or None)
+    versus = ratios(res["wall_s"], compute["seconds"], floor_mean, res["peak_rss_tree"])
     out = dict(
         shape=list(a.shape) + [a.nvols], dtype="int16", data_bytes=nbytes,
         memory_limit=a.memory_limit, io_floor=floor, io_floor_after=after, denoise=res,
-        ratio_to_floor=res["wall_s"] / floor_mean,
+        io_floor_mean_s=floor_mean, ratio_to_floor=res["wall_s"] / floor_mean,
+        compute_floor=compute, ratios=versus,
         machine=dict(cpus=os.cpu_count(), memory=psutil.virtual_memory().total,
-                     python=platform.python_version(), date=time.strftime("%Y-%m-%d")),
+                     python=platform.python_version(), date=time.strftime("%Y-%m-%d"),
+                     load_average=list(os.getloadavg())),
     )
     rows = [("stage", "seconds")] + [(k, f"{v:.1f}") for k, v in res["stages"].items()]
-    rows += [("whole denoise (wall)", f"{res['wall_s']:.1f}"),
+    rows += [("denoise in its process (report)", f"{res['seconds']:.1f}"),
+             ("whole denoise (wall, process start included)", f"{res['wall_s']:.1f}"),
              ("I/O floor before (read + write)", f"{floor['floor_s']:.1f}"),
              ("I/O floor after (read + write)", f"{after['floor_s']:.1f}"),
-             ("ratio to the mean floor", f"{out['ratio_to_floor']:.2f}"),
-             ("peak RSS, process tree", f"{res['peak_rss_tree'] / 2**30:.2f} GiB")]
-    width = max(len(r[0]) for r in rows)
+             ("ratio to the mean I/O floor", f"{out['ratio_to_floor']:.2f}")]
+    rows += floor_rows(compute) + ratio_rows(versus)
     print(f"\n{a.shape[0]}x{a.shape[1]}x{a.shape[2]}x{a.nvols} int16, "
-          f"{nbytes / 1e9:.1f} GB, --memory-limit {a.memory_limit}")
-    for name, val in rows:
-        print(f"{name:<{width}}  {val}")
+          f"{nbytes / 1e9:.1f} GB, --memory-limit {a.memory_limit}, chunks "
+          f"{'x'.join(map(str, res['plan']['chunks']))}")
+    print_rows(rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=1))
     if not a.keep:
