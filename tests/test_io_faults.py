@@ -151,7 +151,33 @@ def spy_scratch(monkeypatch, step, folder, seen):
     monkeypatch.setattr(nifti_zarr, step, spied)
 
 
-def test_scratch_goes_to_tmp_dir(tmp_path, noise_nii, system_tmp, monkeypatch):
+@pytest.fixture
+def scratch_paths(monkeypatch):
+    """The conversions' scratch-file paths, which an object-store Zarr store
+    (to it) and a store of another layout (from it) take: a local store of
+    ours needs none (see test_local_stores_need_no_scratch)."""
+    monkeypatch.setattr(nifti_zarr, "is_local", lambda url: False)
+    monkeypatch.setattr(nifti_zarr, "reads_volumes", lambda array: False)
+
+
+def test_local_stores_need_no_scratch(tmp_path, noise_nii, system_tmp, monkeypatch):
+    """Into a local store volumes are appended to shards, out of one each
+    slab reads its byte ranges: no scratch file either way, at any budget."""
+    seen = []
+    scratch_dir = tmp_path / "scratch"
+    scratch_dir.mkdir()
+    for step in ("_scratch_into_store", "_store_into_scratch"):
+        spy_scratch(monkeypatch, step, scratch_dir, seen)
+    monkeypatch.setattr(scratch_module.BlockScratch, "__init__", None)  # would fail
+    nifti_to_zarr(noise_nii, tmp_path / "a.zarr", chunks=(8, 8, 8), memory_limit="2 MiB",
+                  tmp_dir=scratch_dir, progress=False)
+    zarr_to_nifti(tmp_path / "a.zarr", tmp_path / "b.nii", memory_limit="2 MiB",
+                  tmp_dir=scratch_dir, progress=False)
+    assert not seen and not os.listdir(scratch_dir) and not os.listdir(system_tmp)
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "b.nii").dataobj), noise(1))
+
+
+def test_scratch_goes_to_tmp_dir(tmp_path, noise_nii, system_tmp, monkeypatch, scratch_paths):
     require_mount()
     seen = []
     with small_disk(tmp_path / "scratch", 6 * MiB) as scratch_dir:
@@ -168,7 +194,7 @@ def test_scratch_goes_to_tmp_dir(tmp_path, noise_nii, system_tmp, monkeypatch):
     np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "b.nii").dataobj), noise(1))
 
 
-def test_scratch_tmp_dir_created(tmp_path, noise_nii, system_tmp):
+def test_scratch_tmp_dir_created(tmp_path, noise_nii, system_tmp, scratch_paths):
     scratch_dir = tmp_path / "not" / "yet"
     nifti_to_zarr(noise_nii, tmp_path / "a.zarr", chunks=(8, 8, 8), memory_limit="2 MiB",
                   tmp_dir=f"file://{scratch_dir}", progress=False)
@@ -177,7 +203,8 @@ def test_scratch_tmp_dir_created(tmp_path, noise_nii, system_tmp):
 
 
 @pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "sparse"])
-def test_scratch_full_disk(tmp_path, noise_nii, system_tmp, monkeypatch, reserve):
+def test_scratch_full_disk(tmp_path, noise_nii, system_tmp, monkeypatch, reserve,
+                           scratch_paths):
     """A tmp_dir too small for the scratch file: one line naming the file and
     the room it needs, at creation (blocks reserved) or at the first write
     that finds no room (a file system that cannot reserve)."""

@@ -196,3 +196,34 @@ def test_pending_state_is_json(tmp_path):
     create_dwi_store(tmp_path / "half.zarr", SHAPE, np.int16, (8, 8, 8), meta)
     state = json.loads((tmp_path / "half.zarr" / "p2s_dask_pending.json").read_text())
     assert state["p2s_dask"]["complete"] is False and state["p2s_dask"]["version"] == 2
+
+
+@pytest.mark.parametrize("limit", ["1 MiB", "64 MiB"])
+def test_nifti_written_from_volume_runs_of_shards(tmp_path, limit):
+    """Back to NIfTI, each slab reads its volumes' bytes of every shard
+    (edge shards on every axis, one slab or many): the original, bit for bit."""
+    from p2s_dask.io import zarr_to_nifti
+    from p2s_dask.io.chunk_io import reads_volumes
+    from p2s_dask.io.zarr_store import open_dwi_array
+    img, _, _ = scaled_nifti(tmp_path / "dwi.nii", seed=4)
+    nifti_to_zarr(tmp_path / "dwi.nii", tmp_path / "s.zarr", chunks=(8, 7, 3), progress=False)
+    assert reads_volumes(open_dwi_array(tmp_path / "s.zarr")[0])
+    zarr_to_nifti(tmp_path / "s.zarr", tmp_path / "back.nii.gz", memory_limit=limit,
+                  progress=False)
+    back = nib.load(str(tmp_path / "back.nii.gz"))
+    np.testing.assert_array_equal(back.dataobj.get_unscaled(), img.dataobj.get_unscaled())
+    assert back.header.binaryblock == nib.load(str(tmp_path / "dwi.nii")).header.binaryblock
+
+
+def test_damaged_shard_index_is_one_line(tmp_path):
+    from p2s_dask.io import zarr_to_nifti
+    scaled_nifti(tmp_path / "dwi.nii", seed=5)
+    nifti_to_zarr(tmp_path / "dwi.nii", tmp_path / "s.zarr", chunks=(8, 8, 4), progress=False)
+    shard = tmp_path / "s.zarr" / "0" / "c" / "0" / "1" / "1" / "1"
+    data = bytearray(shard.read_bytes())
+    data[-6] ^= 0x55  # the index no longer matches its checksum
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError, match="damaged") as err:
+        zarr_to_nifti(tmp_path / "s.zarr", tmp_path / "back.nii", progress=False)
+    assert "\n" not in str(err.value) and "0/c/0/1/1/1" in str(err.value)
+    assert not (tmp_path / "back.nii").exists()

@@ -393,18 +393,30 @@ class _ChunkCodec:
                              f"it has {len(data)} and should decode to {self.nbytes}")
         numcodecs.blosc.decompress(data, target)
 
+    @property
+    def index_bytes(self) -> int:
+        """The size of a shard's index (its last bytes)."""
+        count = math.prod(s // i for s, i in zip(self.chunk_shape, self.inner))
+        return 16 * count + 4 * self.index_crc
+
     def _index(self, data) -> np.ndarray:
         """A shard's ``(offset, nbytes)`` rows, checked against its size."""
-        count = math.prod(s // i for s, i in zip(self.chunk_shape, self.inner))
-        size = 16 * count + 4 * self.index_crc
+        size = self.index_bytes
         if len(data) < size:
             raise ValueError(f"it holds {len(data)} bytes, less than its index ({size})")
-        raw = np.frombuffer(data, np.uint8, size, len(data) - size)
+        return self.parse_index(np.frombuffer(data, np.uint8, size, len(data) - size),
+                                len(data))
+
+    def parse_index(self, raw: np.ndarray, shard_bytes: int) -> np.ndarray:
+        """The index from its bytes ``raw``, checked against its checksum and
+        the size of its shard."""
+        if len(raw) != self.index_bytes or shard_bytes < len(raw):
+            raise ValueError(f"it holds {shard_bytes} bytes, less than its index")
         if self.index_crc and google_crc32c.value(raw[:-4].tobytes()) != int(
                 raw[-4:].view("<u4")[0]):
             raise ValueError("its index fails its checksum")
-        index = raw[:16 * count].view("<u8").reshape(count, 2)
-        body = len(data) - size
+        index = raw[:len(raw) - 4 * self.index_crc].view("<u8").reshape(-1, 2)
+        body = shard_bytes - len(raw)
         live = index[:, 0] != _EMPTY
         if np.any(index[live, 0] + index[live, 1] > body):
             raise ValueError("its index points past its data")
@@ -760,3 +772,185 @@ def finish_region_writes(url) -> bool:
         return False
     writer.close()
     return True
+
+# ---------------------------------------------------------------------------
+# Runs of volumes read from shards: what writing a NIfTI (volume after
+# volume) needs from a store. A shard's inner chunks are one per volume,
+# stored in volume order, so the volumes v0..v1 of a block are one byte
+# range of its object, found in its index.
+
+
+def reads_volumes(array) -> bool:
+    """Whether :func:`read_volumes` reads ``array`` itself (our layout: one
+    shard per block of all volumes, one inner chunk per volume)."""
+    if not isinstance(array, DwiArray) or not array.reverse:
+        return False
+    codec = _ChunkCodec.of(array.zarr)
+    return (codec is not None and codec.inner is not None
+            and codec.inner == (1, *codec.chunk_shape[1:])
+            and codec.chunk_shape[0] == array.shape[3])
+
+
+def _get_range(store, key, start: int, stop: int):
+    """Bytes ``start:stop`` of an object (a buffer)."""
+    if isinstance(store, LocalStore):
+        path = os.path.join(str(store.root), *key.split("/"))
+        with open(path, "rb", buffering=0) as f:
+            data = os.pread(f.fileno(), stop - start, start)
+    else:
+        from zarr.abc.store import RangeByteRequest
+        buffer = sync(store.get(key, prototype=default_buffer_prototype(),
+                                byte_range=RangeByteRequest(start, stop)))
+        data = b"" if buffer is None else buffer.to_bytes()
+    if len(data) != stop - start:
+        raise ValueError(f"it ends before byte {stop}")
+    return data
+
+
+def _shard_size(store, key) -> int:
+    if isinstance(store, LocalStore):
+        return os.path.getsize(os.path.join(str(store.root), *key.split("/")))
+    return int(sync(store.getsize(key)))
+
+
+def _volumes_of_shard(reader: _ChunkReader, coords, v0, v1, out) -> None:
+    """Volumes ``v0:v1`` of one shard (grid position ``coords``, stored
+    order) decoded into ``out`` (its region of the slab, stored order)."""
+    codec, store, key = reader.codec, reader.store, reader.key(coords)
+    size = _shard_size(store, key)
+    tail = np.frombuffer(_get_range(store, key, size - codec.index_bytes, size), np.uint8)
+    rows = codec.parse_index(tail, size)[v0:v1]
+    if np.any(rows[:, 0] == _EMPTY):
+        raise ValueError("a volume of it was never written")
+    start, stop = int(rows[:, 0].min()), int((rows[:, 0] + rows[:, 1]).max())
+    data = memoryview(_get_range(store, key, start, stop))
+    inner = codec.inner_codec
+    whole = np.empty(codec.inner, codec.dtype)
+    cut = tuple(slice(0, n) for n in out.shape[1:])
+    for j, (offset, nbytes) in enumerate(rows):
+        inner.decode(data[int(offset) - start:int(offset + nbytes) - start], whole)
+        out[j] = whole[0][cut]
+
+
+
+def read_volumes(array: DwiArray, v0: int, v1: int, z0: int, z1: int, url: str,
+                 workers: int = 1) -> np.ndarray:
+    """Volumes ``v0:v1`` of z-planes ``z0:z1`` (whole blocks in z) of a store
+    in our layout (:func:`reads_volumes`), reading of each shard only its
+    index and the byte range of those volumes.
+
+    Returns
+    -------
+    ndarray, shape (x, y, z1 - z0, v1 - v0)
+        Fortran-ordered: volume after volume, as a NIfTI holds them.
+    """
+    native = array.zarr
+    codec = _ChunkCodec.of(native)
+    reader = _ChunkReader(native, codec, url)
+    _, cz, cy, cx = codec.chunk_shape
+    _, nz, ny, nx = native.shape
+    out = np.empty((v1 - v0, z1 - z0, ny, nx), codec.dtype)
+    shards = [(k, j, i) for k in range(z0 // cz, -(-z1 // cz))
+              for j in range(-(-ny // cy)) for i in range(-(-nx // cx))]
+
+    def read(_, coords):
+        k, j, i = coords
+        view = out[:, k * cz - z0:min((k + 1) * cz, nz) - z0, j * cy:(j + 1) * cy,
+                   i * cx:(i + 1) * cx]
+        try:
+            with user_errors(url, "reading"):
+                _volumes_of_shard(reader, (0, k, j, i), v0, v1, view)
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"reading {url}: chunk {reader.key((0, k, j, i))} is damaged: "
+                             f"{exc}") from exc
+        return view.nbytes
+
+    for_each_block(shards, read, workers=workers)
+    return out.T
+
+
+class ShardAppender:
+    """Builds the shards of a new local store from runs of volumes (a NIfTI's
+    order), with no scratch copy of the data.
+
+    A shard may hold its inner chunks in any order, its index says where:
+    each volume's inner chunk is appended to its shard's file as the volume
+    arrives, and the index is written last. Until :meth:`finish` each file
+    has a temporary name, so a shard that exists is whole.
+
+    Parameters
+    ----------
+    array : DwiArray
+        Of a local store in our layout (:func:`reads_volumes`), just created.
+    url : str
+        For messages.
+    """
+
+    def __init__(self, array: DwiArray, url: str):
+        native = array.zarr
+        self.codec = _ChunkCodec.of(native)
+        self.reader = _ChunkReader(native, self.codec, url)
+        self.root, self.url = str(native.store.root), url
+        self.index: dict = {}
+        self.ends: dict = {}
+        self.tag = uuid.uuid4().hex
+
+    def _path(self, coords, final=False) -> str:
+        path = os.path.join(self.root, *self.reader.key(coords).split("/"))
+        return path if final else f"{path}.{self.tag}.partial"
+
+    def append(self, slab: np.ndarray, v0: int, z0: int) -> None:
+        """Volumes ``v0:v0+k`` of z-planes ``z0:z0+p`` (whole blocks in z).
+
+        Parameters
+        ----------
+        slab : ndarray, shape (x, y, p, k)
+        """
+        n, cz, cy, cx = self.codec.chunk_shape
+        nx, ny = slab.shape[:2]
+        for k in range(z0 // cz, (z0 + slab.shape[2] + cz - 1) // cz):
+            for j in range(-(-ny // cy)):
+                for i in range(-(-nx // cx)):
+                    piece = slab[i * cx:(i + 1) * cx, j * cy:(j + 1) * cy,
+                                 k * cz - z0:(k + 1) * cz - z0]
+                    self._append_shard((0, k, j, i), piece, v0)
+
+    def _append_shard(self, coords, piece, v0) -> None:
+        inner = self.codec.inner_codec
+        whole = np.full(self.codec.inner[1:], self.codec.fill_value, self.codec.dtype)
+        region = whole[tuple(slice(0, s) for s in piece.shape[:3][::-1])]
+        index = self.index.setdefault(coords, np.full((self.codec.chunk_shape[0], 2), _EMPTY,
+                                                       "<u8"))
+        path = self._path(coords)
+        if coords not in self.ends:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        parts, offset = [], self.ends.get(coords, 0)
+        for v in range(piece.shape[3]):
+            region[...] = piece[..., v].T
+            data = inner.encode(whole)
+            parts.append(bytes(data))
+            index[v0 + v] = (offset, len(parts[-1]))
+            offset += len(parts[-1])
+        with user_errors(self.url, "writing"), open(path, "ab") as f:
+            f.write(b"".join(parts))
+        self.ends[coords] = offset
+
+    def finish(self) -> None:
+        """Write every shard's index and give it its final name; ValueError
+        if a volume of any shard is missing (a bug in the caller)."""
+        for coords, index in self.index.items():
+            if np.any(index[:, 0] == _EMPTY):
+                raise ValueError(f"shard {coords} lacks volumes")
+            table = index.tobytes()
+            if self.codec.index_crc:
+                table += np.uint32(google_crc32c.value(table)).astype("<u4").tobytes()
+            with user_errors(self.url, "writing"):
+                with open(self._path(coords), "ab") as f:
+                    f.write(table)
+                os.replace(self._path(coords), self._path(coords, final=True))
+
+    def abort(self) -> None:
+        """Remove the unfinished shards."""
+        for coords in self.index:
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(coords))

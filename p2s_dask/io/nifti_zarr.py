@@ -1,11 +1,14 @@
 """NIfTI <-> Zarr conversion, streaming, within a memory limit.
 
-A NIfTI holds its data volume after volume; our store chunks hold all
-volumes of a spatial block. Both directions stream the NIfTI sequentially in
-slabs of k volumes and go through a local scratch file laid out block by
-block (see :mod:`.scratch`), so every store chunk is written or read once.
-When all data fits in one slab, or (for writing a NIfTI) reading each chunk
-at most twice is enough, the scratch file is skipped.
+A NIfTI holds its data volume after volume; a shard of our stores holds all
+volumes of a spatial block, one inner chunk per volume. Both directions
+stream the NIfTI sequentially in slabs of k volumes. Into a local store, each
+volume's inner chunks are appended to their shards as they come (the index
+last); out of a store, each slab reads its volumes' byte range of every
+shard. Other stores (an object store, another layout) go through a local
+scratch file laid out block by block (see :mod:`.scratch`), so every object
+is written or read once; when all data fits in one slab, or (for writing a
+NIfTI) reading each chunk at most twice is enough, it is skipped.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .meta import DwiMeta
 from .nifti_stream import NiftiReader, NiftiWriter
 from .scratch import BlockScratch, for_each_block
 from .urls import exists, is_local, kind_of, local_path, user_errors
+from .chunk_io import ShardAppender, read_volumes, reads_volumes
 from .zarr_store import (
     OutputExistsError,
     compressor_for,
@@ -155,6 +159,9 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
             if the_plan.single_slab:
                 with _bar(progress, total, f"read {_name(src)}") as bar:
                     _nifti_into_store(slabs, store, dst, the_plan, bar)
+            elif is_local(dst):
+                with _bar(progress, total, f"read {_name(src)}") as bar:
+                    _nifti_into_shards(slabs, store, dst, bar)
             else:
                 with BlockScratch(meta.shape, the_plan.chunks, meta.raw_dtype,
                                   tmp_dir) as scratch:
@@ -195,6 +202,24 @@ def _nifti_into_store(slabs, store, url, the_plan, bar):
 
     with zarr_concurrency(_concurrency(the_plan.slab_bytes, the_plan.chunk_bytes)):
         run_pipelined(slabs, write)
+
+
+def _nifti_into_shards(slabs, store, url, bar):
+    """Each slab's volumes appended to the shards of a local store."""
+    appender = ShardAppender(store, os.fspath(url))
+
+    def write(item):
+        (v0, z0), slab = item
+        appender.append(slab, v0, z0)
+        bar.update(slab.nbytes)
+
+    try:
+        # gunzip in one thread while this one encodes and appends
+        run_pipelined(slabs, write)
+        appender.finish()
+    except BaseException:
+        appender.abort()
+        raise
 
 
 def _nifti_into_scratch(slabs, scratch, bar):
@@ -282,7 +307,12 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
     total = int(np.prod(meta.shape)) * meta.raw_dtype.itemsize
     with NiftiWriter(dst, meta, overwrite=overwrite, storage_options=storage_options,
                      compresslevel=compresslevel) as writer:
-        if passes <= _MAX_DIRECT_PASSES:
+        if reads_volumes(store):
+            # a shard holds its volumes one after the other: each slab reads
+            # only its own bytes of every shard, so no pass is wasted
+            with _bar(progress, total, f"write {_name(dst)}") as bar:
+                _slabs_into(_volume_reader(store, src, the_plan), writer, meta, the_plan, bar)
+        elif passes <= _MAX_DIRECT_PASSES:
             with _bar(progress, total, f"write {_name(dst)}") as bar:
                 _slabs_into(_store_reader(store, src), writer, meta, the_plan, bar)
         else:
@@ -293,6 +323,12 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
                     _slabs_into(scratch.read_slab, writer, meta, the_plan, bar)
         writer.commit()
     trim()
+
+
+def _volume_reader(store, url, the_plan):
+    def read(v0, v1, z0, z1):
+        return read_volumes(store, v0, v1, z0, z1, os.fspath(url), workers=the_plan.workers)
+    return read
 
 
 def _store_reader(store, url):
