@@ -45,6 +45,8 @@ def run_pair(work: Path, extra):
     out = {}
     for name, src, dst in (("nii", work / "dwi.nii", work / "out.nii"),
                            ("gz", work / "dwi_gz.nii.gz", work / "out_gz.nii.gz")):
+        for side in (".bval", ".bvec", ".json"):  # the last round's sidecars
+            (work / (dst.name.split(".")[0] + side)).unlink(missing_ok=True)
         t0 = time.perf_counter()
         r = denoise(src, dst, work / f"report_{name}.json", extra, None)
         r["wall"] = time.perf_counter() - t0

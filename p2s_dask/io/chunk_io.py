@@ -917,22 +917,27 @@ class ShardAppender:
 
     def _append_shard(self, coords, piece, v0) -> None:
         inner = self.codec.inner_codec
-        whole = np.full(self.codec.inner[1:], self.codec.fill_value, self.codec.dtype)
-        region = whole[tuple(slice(0, s) for s in piece.shape[:3][::-1])]
         index = self.index.setdefault(coords, np.full((self.codec.chunk_shape[0], 2), _EMPTY,
                                                        "<u8"))
         path = self._path(coords)
         if coords not in self.ends:
             os.makedirs(os.path.dirname(path), exist_ok=True)
+        # every volume's chunk in its own buffer: raw chunks are written from
+        # it as they are (one gathered write, no joined copy)
+        k = piece.shape[3]
+        chunks = np.full((k, *self.codec.inner[1:]), self.codec.fill_value, self.codec.dtype)
+        chunks[(slice(None), *(slice(0, s) for s in piece.shape[:3][::-1]))] = piece.T
         parts, offset = [], self.ends.get(coords, 0)
-        for v in range(piece.shape[3]):
-            region[...] = piece[..., v].T
-            data = inner.encode(whole)
-            parts.append(bytes(data))
+        for v in range(k):
+            parts.append(memoryview(inner.encode(chunks[v])).cast("B"))
             index[v0 + v] = (offset, len(parts[-1]))
             offset += len(parts[-1])
-        with user_errors(self.url, "writing"), open(path, "ab") as f:
-            f.write(b"".join(parts))
+        with user_errors(self.url, "writing"):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                _writev_all(fd, parts)
+            finally:
+                os.close(fd)
         self.ends[coords] = offset
 
     def finish(self) -> None:
@@ -954,3 +959,15 @@ class ShardAppender:
         for coords in self.index:
             with contextlib.suppress(OSError):
                 os.unlink(self._path(coords))
+
+
+def _writev_all(fd, parts) -> None:
+    """All of ``parts`` (byte buffers) appended, in order, few calls."""
+    parts = [p for p in parts if len(p)]
+    while parts:
+        done = os.writev(fd, parts[:512])
+        while parts and done >= len(parts[0]):
+            done -= len(parts[0])
+            parts.pop(0)
+        if done:
+            parts[0] = parts[0][done:]

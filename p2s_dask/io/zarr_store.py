@@ -137,7 +137,7 @@ def compressor_for(sample, dtype=None):
         The stored type (default the sample's).
     """
     codec = default_compressor()
-    raw = np.ascontiguousarray(sample, dtype=dtype or np.asarray(sample).dtype).reshape(-1)
+    raw = _spread_sample(np.asarray(sample), np.dtype(dtype or np.asarray(sample).dtype))
     if raw.nbytes == 0:
         return codec
     packed = numcodecs.blosc.compress(memoryview(raw.view(np.uint8)), b"lz4", codec.clevel,
@@ -188,6 +188,17 @@ def _require_present(url, storage_options):
                 raise InputError(f"reading {os.fspath(url)}: the bucket does not exist")
         raise FileNotFoundError(path)
 
+
+
+def _spread_sample(values: np.ndarray, dtype, pieces: int = 8, piece_bytes: int = 1 << 19):
+    """Up to ``pieces`` runs of ``piece_bytes`` spread over ``values`` in its
+    memory order (no transposing copy of a whole slab), as ``dtype``."""
+    flat = values.ravel(order="K")
+    run = max(1, piece_bytes // max(1, flat.itemsize))
+    if flat.size <= pieces * run:
+        return np.ascontiguousarray(flat, dtype=dtype)
+    starts = np.linspace(0, flat.size - run, pieces).astype(np.int64)
+    return np.concatenate([flat[a:a + run] for a in starts]).astype(dtype, copy=False)
 
 
 def _get_json(store, key):
