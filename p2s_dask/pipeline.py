@@ -34,7 +34,7 @@ from .executors import open_executor
 from .groups import make_groups
 from .groupspec import group_labels
 from .io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
-from .io.budget import parse_memory_limit
+from .io.budget import parse_memory_limit, store_itemsize
 from .io.urls import exists, is_local, join
 from .io.sidecars import read_json_sidecar, sidecar_urls
 from .io.zarr_store import store_state
@@ -270,7 +270,11 @@ def plan_for(run: Run, executor):
     else:
         output_mode = "nifti-via-zarr"
     stored = run.stored_chunks if input_mode == "store" else None
-    return make_plan(run.shape, working_itemsize(run.meta, input_mode == "in-place"),
+    # a .nii read in place, a .nii.gz staged into our store, and our stores
+    # give volume-major blocks; another tool's image is rechunked by Dask
+    volume_major = input_mode != "store" or run.stored_chunks is not None
+    return make_plan(run.shape, working_itemsize(run.meta, input_mode == "in-place",
+                                                 volume_major),
                      run.radius, input_mode=input_mode,
                      output_mode=output_mode, memory_per_worker=executor.memory_per_worker,
                      threads_per_worker=executor.threads_per_worker,
@@ -278,15 +282,22 @@ def plan_for(run: Run, executor):
                      stored_chunks=stored)
 
 
-def working_itemsize(meta, in_place: bool) -> int:
+def working_itemsize(meta, in_place: bool, volume_major: bool = False) -> int:
     """Bytes per value the chunk policy counts for a block.
 
-    8 (float64, as the passes hold pieces of a block) for stores, which is
-    the rule ``convert`` follows too. A plain ``.nii`` read in place is
-    counted as stored: its blocks are volume-major and the core works on
-    them without a float64 copy, and longer per-volume runs read faster.
+    Counted as stored (the core works on them without a float64 copy, and
+    bigger blocks mean longer per-volume runs and fewer tasks): a ``.nii``
+    read in place, and volume-major float blocks (our NIfTI-Zarr stores, a
+    staged ``.nii.gz``). Scaled data (decoded to float64), integer blocks
+    of a store (pieces of which go through float64) and blocks Dask
+    assembles from another layout count 8. ``convert`` follows the same
+    rule (:func:`.io.budget.store_itemsize`).
     """
-    return meta.raw_dtype.itemsize if (in_place and not meta.scaled) else 8
+    if meta.scaled:
+        return 8
+    if in_place:
+        return meta.raw_dtype.itemsize
+    return store_itemsize(meta.raw_dtype, meta.scaled) if volume_major else 8
 
 
 def identity(run: Run, plan) -> dict:

@@ -20,6 +20,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 from dask.utils import format_bytes, parse_bytes
 
 from ..errors import InputError
@@ -109,6 +110,14 @@ class Plan:
     def slab_chunks(self) -> tuple:
         """Chunks of a scratch store that each slab fills with whole chunks."""
         return (*self.chunks, self.volumes_per_slab)
+
+
+def store_itemsize(raw_dtype, scaled: bool) -> int:
+    """Bytes per value the chunk policy counts for the blocks of our store:
+    unscaled float data is worked on as stored (volume-major blocks need no
+    float64 copy); integers and scaled data go through float64."""
+    raw_dtype = np.dtype(raw_dtype)
+    return raw_dtype.itemsize if (raw_dtype.kind == "f" and not scaled) else 8
 
 
 def plan(shape, itemsize, memory_limit, chunks=None, chunk_itemsize=None) -> Plan:

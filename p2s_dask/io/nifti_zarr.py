@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .background import run_pipelined
-from .budget import DEFAULT_MEMORY_LIMIT, parse_memory_limit, plan
+from .budget import DEFAULT_MEMORY_LIMIT, parse_memory_limit, plan, store_itemsize
 from .fsl import fsl_siblings, read_bvals, read_bvecs
 from .layout import to_f_order
 from .malloc import return_freed_memory, trim
@@ -143,9 +143,10 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
     with NiftiReader(src, storage_options) as reader:
         meta = reader.meta.with_gradients(*_gradient_table(src, bvals, bvecs, storage_options))
         # the chunk policy counts values as denoising holds a store's blocks
-        # (float64), so denoise reads these chunks as they are
+        # (float data as stored, else float64: pipeline.working_itemsize), so
+        # denoise reads these chunks as they are
         the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, chunks,
-                        chunk_itemsize=8)
+                        chunk_itemsize=store_itemsize(meta.raw_dtype, meta.scaled))
         # the first slab decides whether the data is worth compressing
         slabs = _nifti_slabs(reader, the_plan)
         first = next(slabs)

@@ -478,14 +478,15 @@ def _foreign_meta(url, group, raw, names):
 
 def probe_store(url, storage_options=None):
     """``(shape, meta, chunks)`` of a store to denoise; chunks are the stored
-    spatial blocks (x, y, z, n) of one of ours, None for another tool's image."""
+    spatial blocks (x, y, z, n) of one of ours, None for another tool's image
+    and for our format 1 (its blocks are voxel-major: rechunked as read)."""
     _require_present(url, storage_options)
     kind, _, group = _inspect(url, storage_options)
     if kind == "foreign":
         raw, meta = _foreign_image(url, group)
         return tuple(raw.shape), meta, None
     array, meta = open_dwi_array(url, storage_options)
-    return tuple(array.shape), meta, tuple(array.chunks)
+    return tuple(array.shape), meta, (tuple(array.chunks) if kind == "ours" else None)
 
 
 def store_state(url, storage_options=None) -> str:
