@@ -3,7 +3,9 @@
 Three passes, each a plain Dask graph over the input:
 
 1. :func:`summarize` — per-block statistics of every group's patch features,
-   plus per-volume minima and a NaN/Inf census, merged by a tree reduction;
+   plus per-volume minima and a NaN/Inf census, merged along a chain (or,
+   with a patch and large scatters, summed along one lane of blocks per
+   thread, which bounds the F x F matrices held at once);
 2. :func:`volume_minima` of the (unshifted) prediction, only for
    ``shift_intensity``;
 3. :func:`predict` — one matrix product per group and block, then the shift,
@@ -16,9 +18,10 @@ This module knows nothing about files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import contextlib
+import contextvars
 import uuid
+from dataclasses import dataclass
 
 import dask
 import dask.array as da
@@ -27,7 +30,7 @@ from dask.array.core import normalize_chunks, slices_from_chunks
 from dask.graph_manipulation import bind
 
 from .core import LinearModel, block_stats, fit, merge, patch_size, predict_block
-from .core.lagstats import lag_block_stats, lags_pay_off
+from .core.lagstats import LagSum, lag_block_stats, lags_pay_off
 from .core.layout import rows_order, voxel_rows
 from .core.postprocess import intensity_shift
 from .core.predict import combine
@@ -40,6 +43,40 @@ from .threads import OneBlasThread
 from .validate import describe_nonfinite
 
 TREE_FAN_IN = 8
+# statistics whose F x F scatter is larger than this are merged in lanes
+# (patches) or a narrow tree; smaller ones along a chain
+SMALL_SCATTER_BYTES = 32 << 20
+
+# how the statistics of patches (r > 0) are computed: 'auto' (lagged products
+# where they pay off, else the direct scatter), 'lag' or 'direct' (the
+# reference); both give the same statistics within rounding
+STATS_METHODS = ("auto", "lag", "direct")
+_stats_method = contextvars.ContextVar("p2s_dask_stats_method", default="auto")
+
+
+@contextlib.contextmanager
+def statistics_method(method: str):
+    """Compute the statistics of every run started in this block with ``method``.
+
+    For benchmarks and tests that compare the algorithms through the whole
+    API; :func:`summarize` also takes it as a keyword. The method is read when
+    the graph is built, so it holds on any scheduler.
+
+    Parameters
+    ----------
+    method : {'auto', 'lag', 'direct'}
+    """
+    token = _stats_method.set(_check_method(method))
+    try:
+        yield
+    finally:
+        _stats_method.reset(token)
+
+
+def _check_method(method):
+    if method not in STATS_METHODS:
+        raise ValueError(f"unknown statistics method {method!r}: use one of {STATS_METHODS}")
+    return method
 
 
 @dataclass
@@ -143,14 +180,18 @@ def _volume_minima(block) -> np.ndarray:
     return rows.min(axis=0).astype(np.float64)
 
 
-def _summarize_block(block, mask, groups, radius, origin, check_finite) -> Summary:
+def _summarize_block(block, mask, groups, radius, origin, check_finite,
+                     method="auto") -> Summary:
     # one BLAS thread wherever the task runs: the thread count may change the
     # order of float sums, and a run must give the same bits on any executor
     with OneBlasThread():
-        return _block_summary(block, mask, groups, radius, origin, check_finite)
+        return _block_summary(block, mask, groups, radius, origin, check_finite, method)
 
 
-def _block_summary(block, mask, groups, radius, origin, check_finite) -> Summary:
+def _block_summary(block, mask, groups, radius, origin, check_finite,
+                   method="auto", running=None) -> Summary:
+    """One block's :class:`Summary`; with ``running`` (a lane's entries, see
+    :func:`_lane_step`) lag statistics are added into its :class:`LagSum`."""
     inner = _interior(block, radius)
     n = block.shape[-1]
     summary = Summary(stats=[], minima=_volume_minima(inner))
@@ -175,23 +216,42 @@ def _block_summary(block, mask, groups, radius, origin, check_finite) -> Summary
         summary.stats = [everything.subset(list(g.indices)) if g.denoise else None
                          for g in groups]
     else:
-        summary.stats = [_group_stats(block, g.indices, radius, mask)
-                         if g.denoise else None for g in groups]
+        running = running or [None] * len(groups)
+        summary.stats = [_group_stats(block, g.indices, radius, mask, method, into)
+                         if g.denoise else None for g, into in zip(groups, running)]
     return summary
 
 
-def _group_stats(block, indices, radius, mask):
+def _uses_lag(m, radius, masked, method) -> bool:
+    """Whether a group of ``m`` volumes gets lag statistics."""
+    if not any(radius):
+        return False
+    return method == "lag" or (method == "auto" and lags_pay_off(m, radius, masked))
+
+
+def _group_stats(block, indices, radius, mask, method="auto", into=None):
     """One group's statistics: from lagged products where they pay off
     (patch radius > 0: ~63 m^2 products per voxel instead of 364 m^2), else
-    the direct scatter."""
+    the direct scatter; ``method`` 'lag' or 'direct' forces one. Lag
+    statistics go into the :class:`LagSum` ``into`` when one is given (and
+    it is returned)."""
     rng = _as_range(indices)  # consecutive volumes: a view, no copy
     part = block[..., slice(*rng)] if rng is not None else block[..., list(indices)]
-    if any(radius) and lags_pay_off(part.shape[-1], radius, mask is not None):
+    if _uses_lag(part.shape[-1], radius, mask is not None, method):
+        if into is not None:
+            into.add(part, mask)
+            return into
         return lag_block_stats(part, radius, mask)
     return block_stats(part, radius, mask)
 
 
 def _merge_summaries(*items: Summary) -> Summary:
+    """The summaries' union, accumulated in the first one's scatters.
+
+    In place: every summary is a task's result that feeds exactly one merge
+    and is released once that merge has run, so nothing else sees it (and a
+    merge holds two F x F scatters at once, not three).
+    """
     out = items[0]
     for s in items[1:]:
         first = out.first_nonfinite
@@ -200,7 +260,9 @@ def _merge_summaries(*items: Summary) -> Summary:
         if out.nonfinite or s.nonfinite:
             stats = []  # the run stops with an error; statistics are moot
         else:
-            stats = [None if a is None else merge(a, b) for a, b in zip(out.stats, s.stats)]
+            # a lane's LagSum has had the block added already
+            stats = [a if a is None or a is b else merge(a, b, overwrite_a=True)
+                     for a, b in zip(out.stats, s.stats)]
         out = Summary(stats, np.minimum(out.minima, s.minima),
                       out.nonfinite + s.nonfinite, first)
     return out
@@ -232,13 +294,88 @@ def _chain(items, step=TREE_FAN_IN):
     return total
 
 
+def _lane_step(lane, block, mask, groups, radius, origin, check_finite,
+               method="auto") -> Summary:
+    """A lane's summary with one more block (``lane`` None: its first).
+
+    Lag statistics are summed into the lane's :class:`LagSum` of each group
+    (one F x F matrix per lane, however many blocks), other statistics are
+    merged in place; ``lane`` is spent (see :func:`_merge_summaries`).
+    """
+    with OneBlasThread():
+        if lane is not None and lane.nonfinite:
+            # the run stops with an error: only the census goes on
+            census = _block_summary(block, mask, [], radius, origin, check_finite)
+            return _merge_summaries(lane, census)
+        if lane is None:
+            running = [LagSum(len(g.indices), radius)
+                       if g.denoise and _uses_lag(len(g.indices), radius, mask is not None,
+                                                  method) else None for g in groups]
+        else:
+            running = lane.stats
+        here = _block_summary(block, mask, groups, radius, origin, check_finite, method,
+                              running)
+        return here if lane is None else _merge_summaries(lane, here)
+
+
+def _lane_finish(lane: Summary) -> Summary:
+    """A lane's summary with its sums turned into :class:`Stats`."""
+    lane.stats = [s.stats() if isinstance(s, LagSum) else s for s in lane.stats]
+    return lane
+
+
+def _lane_runs(sizes, lanes: int):
+    """Split blocks, in order, into at most ``lanes`` runs of consecutive
+    blocks holding about equal numbers of voxels."""
+    ends = np.cumsum(sizes)
+    cuts = {0, len(sizes)}
+    for k in range(1, lanes):
+        cuts.add(int(np.argmin(np.abs(ends - ends[-1] * k / lanes))) + 1)
+    cuts = sorted(cuts)
+    return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def default_lanes() -> int:
+    """Threads of the scheduler ``dask.compute`` would use now: a current
+    ``distributed`` Client's, else the local one's (``num_workers`` or all
+    usable cores)."""
+    from dask.system import CPU_COUNT
+
+    client = getattr(dask.base.get_scheduler(), "__self__", None)  # a Client's `get`
+    if callable(getattr(client, "nthreads", None)):
+        try:
+            return max(1, sum(client.nthreads().values()))
+        except Exception:  # not connected (yet): count the local threads
+            pass
+    return max(1, int(dask.config.get("num_workers", None) or CPU_COUNT))
+
+
+def _lanes(tasks, sizes, groups, radius, check_finite, method, lanes):
+    """Statistics summed along ``lanes`` chains of blocks, then merged.
+
+    With a patch every block's statistics are an F x F matrix of hundreds of
+    MB; a block and a merge at a time per lane hold one or two of them per
+    thread, where independent blocks would each hold one until merged.
+    """
+    step = dask.delayed(_lane_step, pure=True)
+    finish = dask.delayed(_lane_finish, pure=True)
+    finished = []
+    for run in _lane_runs(sizes, lanes):
+        lane = None
+        for i in run:
+            block, mblock, origin = tasks[i]
+            lane = step(lane, block, mblock, groups, radius, origin, check_finite, method)
+        finished.append(finish(lane))
+    return _tree(finished, 2)
+
+
 def chunk_origins(chunks):
     """Start index of every chunk along each spatial axis."""
     return [np.cumsum((0,) + c[:-1]) for c in chunks[:3]]
 
 
 def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
-              check_finite=True):
+              check_finite=True, method=None, lanes=None):
     """Pass 1: a delayed :class:`Summary` of the whole array.
 
     Parameters
@@ -250,25 +387,45 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
         Voxels to fit on.
     check_finite : bool
         Count NaN/Inf values (skip when the caller has checked already).
+    method : {'auto', 'lag', 'direct'}, optional
+        How patch statistics are computed (default: the one set by
+        :func:`statistics_method`, else 'auto').
+    lanes : int, optional
+        With a patch and large scatters (over :data:`SMALL_SCATTER_BYTES`), blocks are summed
+        along this many chains (default :func:`default_lanes`: one per
+        thread), which bounds the F x F matrices held at once.
     """
+    method = _stats_method.get() if method is None else _check_method(method)
+    tasks, sizes = _block_tasks(arr, radius, mask)
+    p = patch_size(radius)
+    widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
+    if widest * widest * 8 > SMALL_SCATTER_BYTES and any(radius):
+        return _lanes(tasks, sizes, groups, radius, check_finite, method,
+                      lanes or default_lanes())
+    fn = dask.delayed(_summarize_block, pure=True)
+    parts = [fn(block, mblock, groups, radius, origin, check_finite, method)
+             for block, mblock, origin in tasks]
+    if widest * widest * 8 <= SMALL_SCATTER_BYTES:
+        return _chain(parts)
+    return _tree(parts, 2)
+
+
+def _block_tasks(arr, radius, mask):
+    """``(halo block, mask block, origin)`` of every block in C order, and
+    the blocks' voxel counts."""
     halo = with_halo(arr, radius)
     blocks = halo.to_delayed()
     if mask is not None:
         mask = da.asarray(mask).astype(bool).rechunk(arr.chunks[:3])
         mask_blocks = mask.to_delayed()
     starts = chunk_origins(arr.chunks)
-    fn = dask.delayed(_summarize_block, pure=True)
-    parts = []
+    tasks, sizes = [], []
     for idx in np.ndindex(*blocks.shape[:3]):
         origin = tuple(int(starts[a][idx[a]]) for a in range(3))
         mblock = None if mask is None else mask_blocks[idx]
-        parts.append(fn(blocks[idx + (0,)], mblock, groups, radius, origin,
-                        check_finite))
-    p = patch_size(radius)
-    widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
-    if widest * widest * 8 <= 32 * 2**20:
-        return _chain(parts)
-    return _tree(parts, 2)
+        tasks.append((blocks[idx + (0,)], mblock, origin))
+        sizes.append(int(np.prod([arr.chunks[a][idx[a]] for a in range(3)])))
+    return tasks, sizes
 
 
 @dataclass(frozen=True)

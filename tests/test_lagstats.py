@@ -8,7 +8,7 @@ direct ones relative to their largest entry.
 import numpy as np
 import pytest
 
-from p2s_dask.core import block_stats, features, merge_all
+from p2s_dask.core import block_stats, features, merge, merge_all
 from p2s_dask.core import lagstats
 from p2s_dask.core.lagstats import lag_block_stats
 
@@ -270,3 +270,142 @@ def test_when_lags_pay_off():
     assert lagstats.lags_pay_off(160, (1, 1, 1), masked=True)
     assert not lagstats.lags_pay_off(10, (1, 1, 1), masked=True)
     assert not lagstats.lags_pay_off(24, (2, 2, 2), masked=True)
+
+
+# ----------------------------------------------------------------------------
+# sums over several blocks (the engine's lanes)
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("kind", ["int16", "float32", "float64"])
+@pytest.mark.parametrize("mask_kind", [None, "holes", "border"])
+def test_lag_sum_of_blocks_is_their_merge(radius, kind, mask_kind):
+    """Blocks summed into one LagSum give the merged direct statistics."""
+    img = make_image(kind, seed=5)
+    mask = make_mask(mask_kind)
+    cuts = (0, 3, 5, 8) if max(radius) == 1 else (0, 4, 8)
+    regions = [((0, 10), (0, 9), (a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    total = lagstats.LagSum(M, radius)
+    parts = []
+    for region in regions:
+        block = block_of(img, radius, region)
+        total.add(arrange(block, "F"), mask_of(mask, region))
+        parts.append(block_stats(block, radius, mask_of(mask, region)))
+    got = total.stats()
+    assert_same(got, merge_all(parts))
+    assert total.cross is None  # spent: its matrix is the result's
+
+
+def test_lag_sum_of_nothing():
+    radius = (1, 1, 1)
+    total = lagstats.LagSum(M, radius)
+    assert total.stats().count == 0
+    block = block_of(make_image("float32"), radius, REGIONS["interior"])
+    total.add(block, np.zeros((6, 5, 4), bool))  # an empty block adds nothing
+    total.add(block)
+    assert_same(total.stats(), block_stats(block, radius))
+
+
+def test_merge_in_place_is_the_same_merge():
+    img = make_image("float64", seed=2)
+    a = block_stats(block_of(img, (1, 1, 1), ((0, 10), (0, 9), (0, 4))), (1, 1, 1))
+    b = block_stats(block_of(img, (1, 1, 1), ((0, 10), (0, 9), (4, 8))), (1, 1, 1))
+    want = merge(a, b)
+    frozen = a.scatter.copy()
+    frozen.flags.writeable = False
+    kept = merge(type(a)(a.count, a.mean, frozen), b, overwrite_a=True)
+    np.testing.assert_array_equal(kept.scatter, want.scatter)  # read-only: a copy
+    got = merge(a, b, overwrite_a=True)
+    assert got.scatter is a.scatter
+    np.testing.assert_array_equal(got.scatter, want.scatter)
+    np.testing.assert_array_equal(got.mean, want.mean)
+
+
+def _engine_case(m=8, shape=(9, 8, 10), seed=4):
+    from p2s_dask.groups import make_groups
+    img = make_image("float32", shape=shape, m=m, seed=seed)
+    bvals = np.array([0] * 2 + [1000] * (m - 2))
+    return img, make_groups(bvals, m)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "holes"])
+def test_lanes_give_the_statistics_of_the_whole_image(monkeypatch, mask_kind):
+    """The pass in lanes (any number, any method) equals the direct
+    statistics of the whole image; bad values are still counted."""
+    import dask
+    from p2s_dask import engine
+    img, groups = _engine_case()
+    mask = None if mask_kind is None else make_mask("holes", shape=img.shape[:3])
+    radius = (1, 1, 1)
+    pad = np.pad(img, [(1, 1)] * 3 + [(0, 0)])
+    want = [block_stats(pad[..., list(g.indices)], radius, mask) for g in groups]
+    # lanes for any scatter larger than this test's
+    monkeypatch.setattr(engine, "SMALL_SCATTER_BYTES", 1)
+    arr = engine.as_chunked(img, (9, 8, 3), radius)
+    for lanes, method in [(1, "auto"), (2, "auto"), (3, "direct"), (9, "lag")]:
+        got = dask.compute(engine.summarize(arr, groups, radius, mask, method=method,
+                                            lanes=lanes), scheduler="threads")[0]
+        for g, st, w in zip(groups, got.stats, want):
+            assert_same(st, w, symmetric=False)
+    bad = img.copy()
+    bad[4, 2, 7, 1] = np.nan
+    bad[1, 1, 8, 0] = np.inf
+    arr = engine.as_chunked(bad, (9, 8, 3), radius)
+    got = dask.compute(engine.summarize(arr, groups, radius, lanes=2), scheduler="threads")[0]
+    assert got.nonfinite == 2 and got.first_nonfinite == (1, 1, 8, 0) and not got.stats
+
+
+def test_lane_runs_balance_the_voxels():
+    from p2s_dask.engine import _lane_runs
+    assert [list(r) for r in _lane_runs([12] * 6 + [4], 2)] == [[0, 1, 2], [3, 4, 5, 6]]
+    assert [list(r) for r in _lane_runs([5] * 3, 8)] == [[0], [1], [2]]
+    assert [list(r) for r in _lane_runs([5] * 4, 1)] == [[0, 1, 2, 3]]
+
+
+def test_statistics_method_is_switchable():
+    import dask
+    from p2s_dask import engine
+    img, groups = _engine_case()
+    arr = engine.as_chunked(img, (9, 8, 5), (1, 1, 1))
+    seen = []
+    real = engine._group_stats
+
+    def spy(block, indices, radius, mask, method="auto", into=None):
+        seen.append(method)
+        return real(block, indices, radius, mask, method, into)
+
+    engine._group_stats = spy
+    try:
+        with engine.statistics_method("direct"):
+            dask.compute(engine.summarize(arr, groups, (1, 1, 1)), scheduler="sync")
+        assert seen and set(seen) == {"direct"}
+        seen.clear()
+        dask.compute(engine.summarize(arr, groups, (1, 1, 1)), scheduler="sync")
+        assert set(seen) == {"auto"}
+    finally:
+        engine._group_stats = real
+    with pytest.raises(ValueError):
+        engine.summarize(arr, groups, (1, 1, 1), method="fast")
+
+
+def test_patch_blocks_are_thick_where_the_budget_allows():
+    """With a patch the chunk policy keeps whole planes and at least
+    PATCH_PLANES planes per unit of radius when a thread's share allows,
+    never past the share, and leaves patch-less runs as they were."""
+    from p2s_dask import chunking
+    shape = (81, 106, 76, 160)
+    plain = chunking.chunk_policy(shape, 8, 512 << 20, 2)
+    patch = chunking.chunk_policy(shape, 8, 512 << 20, 2, (1, 1, 1))
+    assert plain == (81, 106, 3) and patch == (81, 106, chunking.PATCH_PLANES)
+    assert chunking.chunk_policy(shape, 8, 512 << 20, 2, (1, 1, 0)) == plain  # no z halo
+    for memory, threads in [(256 << 20, 2), (512 << 20, 16), (2 << 30, 2), (8 << 30, 4)]:
+        for radius in [(1, 1, 1), (2, 2, 2)]:
+            got = chunking.chunk_policy(shape, 8, memory, threads, radius)
+            n_features = shape[3] * (2 * radius[0] + 1) ** 3
+            share = min(memory // (chunking.PATCH_BLOCKS_PER_THREAD * threads),
+                        8 * n_features ** 2)
+            usual = chunking.block_bytes(memory, threads)
+            block = np.prod(got) * shape[3] * 8
+            assert block <= max(usual, share) or got[2] == radius[2]
+            thick = min(radius[2] * chunking.PATCH_PLANES, shape[2])
+            assert got[2] >= thick or np.prod(shape[:2]) * thick * shape[3] * 8 > share

@@ -65,8 +65,13 @@ def rows_stats(x: np.ndarray, overwrite: bool = False) -> Stats:
     return Stats(n, mean, xc.T @ xc)
 
 
-def merge(a: Stats, b: Stats) -> Stats:
-    """Exact statistics of the union of two disjoint voxel sets."""
+def merge(a: Stats, b: Stats, overwrite_a: bool = False) -> Stats:
+    """Exact statistics of the union of two disjoint voxel sets.
+
+    With ``overwrite_a`` the result's scatter is ``a``'s, updated in place
+    (when it is writable and contiguous): one F x F matrix less at once, which for
+    ``patch_radius > 0`` is hundreds of MB. ``a`` is then spent.
+    """
     if a.count == 0:
         return b
     if b.count == 0:
@@ -74,7 +79,12 @@ def merge(a: Stats, b: Stats) -> Stats:
     n = a.count + b.count
     delta = b.mean - a.mean
     mean = a.mean + delta * (b.count / n)
-    scatter = a.scatter + b.scatter
+    flags = a.scatter.flags
+    if overwrite_a and flags.writeable and (flags.c_contiguous or flags.f_contiguous):
+        scatter = a.scatter
+        scatter += b.scatter
+    else:
+        scatter = a.scatter + b.scatter
     # rank-1 update in place: np.outer would allocate another F x F matrix,
     # which for r = 1 (F in the thousands) is most of a merge's cost
     target = scatter if scatter.flags.f_contiguous else scatter.T
