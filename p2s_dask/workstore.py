@@ -204,9 +204,14 @@ class WorkStore:
 
     # -- arrays, never pickled
     def save_arrays(self, name, **arrays) -> None:
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        self.write_bytes(name, buf.getvalue())
+        """An ``.npz`` written straight to its file (then renamed): at 300
+        volumes and radius 1 the statistics are ~0.5 GB, and a buffer in
+        memory would hold them twice more."""
+        tmp = self._p(name + ".partial")
+        with user_errors(self.url, "writing"):
+            with self.fs.open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+            self.fs.mv(tmp, self._p(name))
 
     def load_arrays(self, name) -> dict | None:
         if not self.has(name):
