@@ -11,8 +11,8 @@ import zarr
 
 from p2s_dask.errors import InputError
 from p2s_dask.io import open_dwi, open_dwi_array, write_region
-from p2s_dask.io.zarr_store import (ChunkWriter, _ChunkCodec, finish_region_writes,
-                                    read_chunks, submit_region)
+from p2s_dask.io.chunk_io import (ChunkWriter, _ChunkCodec, finish_region_writes,
+                                  read_chunks, submit_region)
 from p2s_dask.memory import PeakMemory
 
 MiB = 2**20
@@ -83,7 +83,7 @@ def test_same_numbers_as_through_zarr(tmp_path, monkeypatch):
     """Reading and writing chunks without Zarr's machinery changes no number:
     a .zarr -> .zarr run gives the bytes Zarr's own reads and writes give."""
     from p2s_dask.cli import main
-    import p2s_dask.io.zarr_store as zs
+    import p2s_dask.io.chunk_io as zs
 
     data, bvals = dwi((24, 22, 10), 20, seed=3)
     nii = write_nii(tmp_path / "dwi.nii", data, bvals)

@@ -116,9 +116,6 @@ class DwiArray:
         """Write a region of slices through Zarr (NIfTI order)."""
         self.zarr[self.native_region(region)] = self.native_values(values)
 
-    def with_config(self, config):
-        return DwiArray(self.zarr.with_config(config), self.reverse)
-
 
 def _native(array):
     """``(zarr array, DwiArray or None)`` of what a caller passed."""

@@ -56,9 +56,7 @@ from . import ome_layout as ome
 from .budget import normalize_chunks
 from .chunk_io import (  # noqa: F401 - re-exported: the store's chunk I/O
     ARRAY_CONFIG,
-    ChunkWriter,
     DwiArray,
-    _ChunkCodec,
     _array_url,
     finish_region_writes,
     read_chunks,
