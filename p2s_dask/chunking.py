@@ -17,14 +17,52 @@ MIN_BLOCK_BYTES = 1 << 20
 # prediction, the next block read ahead, blocks queued for writing
 BLOCKS_PER_THREAD = 8
 # With a patch (r > 0) every block carries a halo of r planes on each side
-# and its statistics end in an F x F scatter (F = P n features) that is
-# merged once per block: blocks of at least this many planes per unit of
-# radius keep the halo within a sixth of the work (measured, r = 1, 160
-# volumes: lag statistics 0.84 s a plane in 3-plane blocks, 0.71 in 12)
+# and its statistics end in an F x F scatter (F = P n features): blocks of
+# at least this many planes per unit of radius keep the halo within a sixth
+# of the work (measured, r = 1, 160 volumes: lag statistics 0.84 s a plane
+# in 3-plane blocks, 0.71 in 12) ...
 PATCH_PLANES = 12
-# ... as long as a block stays within this share of a thread's budget and
-# no larger than the scatter its statistics task holds anyway
-PATCH_BLOCKS_PER_THREAD = 2
+# ... as long as a thread's blocks fit its share of what the lanes'
+# scatters leave of the budget. Measured (145x174x36x288 float32 .nii, r = 1,
+# 2 threads, peak RSS per pass): a thread holds about 5 blocks in either
+# pass: summing statistics, the block, its neighbour (read for the halo and
+# held until its own turn), the block with its halo and the lag products'
+# working copies (about one block); predicting, the block, its neighbour,
+# the block with its halo, its prediction, one queued for writing
+PATCH_BLOCKS_PER_THREAD = 6
+# the lanes' F x F scatters (one per thread, see engine.summarize) take at
+# most this share of a worker's budget; fewer lanes where they would not
+# fit (at least one: the solve needs the whole scatter anyway)
+PATCH_LANES_SHARE = 0.75
+
+
+def scatter_bytes(shape, radius) -> int:
+    """Bytes of the float64 F x F scatter of all ``n`` volumes' patches
+    (``F = n P``): a bound for any group's."""
+    features = int(shape[3]) * math.prod(2 * int(r) + 1 for r in radius)
+    return 8 * features * features
+
+
+def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int) -> int:
+    """Lanes of patch statistics a worker runs at once: one per thread while
+    their scatters fit :data:`PATCH_LANES_SHARE` of its budget, at least one.
+
+    Parameters
+    ----------
+    shape : tuple of 4 ints
+        ``(x, y, z, volumes)``.
+    radius : tuple of 3 ints
+    memory_per_worker, threads_per_worker : int
+
+    Returns
+    -------
+    int
+    """
+    threads = max(1, int(threads_per_worker))
+    if not any(radius):
+        return threads
+    fit = int(PATCH_LANES_SHARE * int(memory_per_worker)) // scatter_bytes(shape, radius)
+    return max(1, min(threads, fit))
 
 
 def block_bytes(memory_per_worker: int, threads_per_worker: int) -> int:
@@ -39,8 +77,8 @@ def block_bytes(memory_per_worker: int, threads_per_worker: int) -> int:
 def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
                        threads_per_worker: int, radius) -> int:
     """The fewest voxels per block worth a patch's halo: :data:`PATCH_PLANES`
-    z-planes per unit of the z radius, within :data:`PATCH_BLOCKS_PER_THREAD`
-    blocks per thread and the size of the F x F scatter (0 without a z halo).
+    z-planes per unit of the z radius, as long as a thread's blocks fit its
+    share of what the lanes' scatters leave (0 without a z halo).
 
     Parameters
     ----------
@@ -58,11 +96,12 @@ def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
     rz = int(radius[2])
     if rz <= 0:
         return 0  # splitting z costs no halo
-    features = n * math.prod(2 * int(r) + 1 for r in radius)
-    share = int(memory_per_worker) // (PATCH_BLOCKS_PER_THREAD * max(1, int(threads_per_worker)))
-    cap = min(8 * features * features, share)
+    memory, threads = int(memory_per_worker), max(1, int(threads_per_worker))
+    lanes = patch_lanes(shape, radius, memory, threads)
+    summing = memory - lanes * scatter_bytes(shape, radius)
+    share = max(0, summing) // (PATCH_BLOCKS_PER_THREAD * threads)
     thick = nx * ny * min(nz, PATCH_PLANES * rz)
-    return min(thick, cap // (n * int(itemsize)))
+    return min(thick, share // (n * int(itemsize)))
 
 
 def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worker: int,

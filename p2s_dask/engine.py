@@ -36,7 +36,7 @@ from .core.postprocess import intensity_shift
 from .core.predict import combine
 from .core.predict import prediction_minima as block_prediction_minima
 from .core.predict import prediction_range as block_prediction_range
-from .chunking import chunk_policy
+from .chunking import chunk_policy, patch_lanes
 from .errors import InputError
 from .groups import Group
 from .threads import OneBlasThread
@@ -392,16 +392,19 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
         :func:`statistics_method`, else 'auto').
     lanes : int, optional
         With a patch and large scatters (over :data:`SMALL_SCATTER_BYTES`), blocks are summed
-        along this many chains (default :func:`default_lanes`: one per
-        thread), which bounds the F x F matrices held at once.
+        along this many chains, which bounds the F x F matrices held at once
+        (default: one per thread of :func:`default_lanes` while their
+        scatters fit :data:`API_MEMORY_LIMIT`, see
+        :func:`.chunking.patch_lanes`).
     """
     method = _stats_method.get() if method is None else _check_method(method)
     tasks, sizes = _block_tasks(arr, radius, mask)
     p = patch_size(radius)
     widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
     if widest * widest * 8 > SMALL_SCATTER_BYTES and any(radius):
-        return _lanes(tasks, sizes, groups, radius, check_finite, method,
-                      lanes or default_lanes())
+        if lanes is None:
+            lanes = patch_lanes(arr.shape, radius, API_MEMORY_LIMIT, default_lanes())
+        return _lanes(tasks, sizes, groups, radius, check_finite, method, lanes)
     fn = dask.delayed(_summarize_block, pure=True)
     parts = [fn(block, mblock, groups, radius, origin, check_finite, method)
              for block, mblock, origin in tasks]
@@ -440,11 +443,14 @@ class FittedModels:
 
 
 def fit_models(summary: Summary, groups: list[Group], radius, model: str,
-               alpha: float, calc_dtype=np.float64) -> FittedModels:
+               alpha: float, calc_dtype=np.float64, spend: bool = False) -> FittedModels:
     """Solve every group's regressions from a :class:`Summary`.
 
     ``calc_dtype`` is the arithmetic of the prediction passes (the fit is
-    always float64).
+    always float64). With ``spend`` the summary's scatters are overwritten
+    (each becomes its inverse: with a patch that saves an F x F copy of
+    hundreds of MB); only for a summary nobody reads again, never one a
+    Dask scheduler holds (a retried task would see it spent).
     """
     if summary.nonfinite:
         raise InputError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
@@ -458,7 +464,7 @@ def fit_models(summary: Summary, groups: list[Group], radius, model: str,
             raise InputError(
                 f"the mask selects {st.count} voxel(s): too few to fit the {g.name} group"
             )
-        models.append(fit(st, p, model, alpha))
+        models.append(fit(st, p, model, alpha, overwrite=spend))
     n = summary.minima.shape[0]
     plan = combine(models, [g.indices for g in groups], n, p)
     return FittedModels(tuple(groups), tuple(models), plan, summary.minima,

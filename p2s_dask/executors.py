@@ -183,9 +183,13 @@ class Executor:
         Threads sharing ``memory_per_worker``: chunks sized for
         ``memory_per_worker / threads_per_worker`` per thread fit every worker.
     n_workers : int
+    in_process : bool
+        Tasks run in this process's threads, so they may fill arrays this
+        process holds (an in-memory input or output).
     """
 
     is_local: bool = True
+    in_process: bool = False
     memory_per_worker: int = DEFAULT_MEMORY_LIMIT
     threads_per_worker: int = 1
     n_workers: int = 1
@@ -232,6 +236,7 @@ class ThreadsExecutor(Executor):
         self.memory_per_worker = _check_memory(memory_limit)
         self.n_workers = 1
         self.is_local = True
+        self.in_process = True
 
     def compute(self, collection, desc: str = "", progress: bool = False):
         """The value of a Dask collection, computed by this process's threads.

@@ -328,7 +328,8 @@ def denoise_into(data: np.ndarray, target: np.ndarray, groups: list[Group], radi
     try:
         summary = run.compute(summarize(run.array(stats_chunks), groups, radius, mask,
                                         check_finite))
-        fitted = fit_models(summary, groups, radius, model, alpha, calc_dtype)
+        # the summary came back to this process and is read by nothing else
+        fitted = fit_models(summary, groups, radius, model, alpha, calc_dtype, spend=True)
         pieces = run.array(prediction_chunks(stats_chunks, radius, order))
         floating = np.issubdtype(target.dtype, np.floating)
         shift = None

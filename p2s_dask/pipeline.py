@@ -269,17 +269,48 @@ def plan_for(run: Run, executor):
         output_mode = "nifti-direct"
     else:
         output_mode = "nifti-via-zarr"
+    input_mode, output_mode, held = _in_memory(run, executor, input_mode, output_mode)
     stored = run.stored_chunks if input_mode == "store" else None
-    # a .nii read in place, a .nii.gz staged into our store, and our stores
-    # give volume-major blocks; another tool's image is rechunked by Dask
+    # a .nii read in place or into memory, a .nii.gz staged into our store,
+    # and our stores give volume-major blocks; another tool's image is
+    # rechunked by Dask
     volume_major = input_mode != "store" or run.stored_chunks is not None
-    return make_plan(run.shape, working_itemsize(run.meta, input_mode == "in-place",
-                                                 volume_major),
+    as_stored = input_mode in ("in-place", "memory")
+    return make_plan(run.shape, working_itemsize(run.meta, as_stored, volume_major),
                      run.radius, input_mode=input_mode,
-                     output_mode=output_mode, memory_per_worker=executor.memory_per_worker,
+                     output_mode=output_mode,
+                     memory_per_worker=executor.memory_per_worker - held,
                      threads_per_worker=executor.threads_per_worker,
                      shift_intensity=run.shift, requested_chunks=opts.chunks,
                      stored_chunks=stored)
+
+
+# an input read whole into memory and an output filled there take at most
+# this share of the budget together; the blocks get the rest
+MEMORY_IMAGE_SHARE = 0.5
+
+
+def _in_memory(run: Run, executor, input_mode: str, output_mode: str):
+    """``(input_mode, output_mode, bytes held)``: a NIfTI that is read (or
+    written) from start to end, gzip or remote, is held in memory instead
+    of a Zarr store in the work store when the tasks run in this process
+    and it fits :data:`MEMORY_IMAGE_SHARE` of the budget (the input first)."""
+    if not executor.in_process:
+        return input_mode, output_mode, 0
+    voxels = int(np.prod(run.shape))
+    sizes = {"input": voxels * run.meta.raw_dtype.itemsize if input_mode == "stage" else 0,
+             "output": voxels * run.out_dtype.itemsize
+             if output_mode == "nifti-via-zarr" else 0}
+    room = int(MEMORY_IMAGE_SHARE * executor.memory_per_worker)
+    held = 0
+    for which in ("input", "output"):
+        if 0 < sizes[which] <= room - held:
+            held += sizes[which]
+            if which == "input":
+                input_mode = "memory"
+            else:
+                output_mode = "nifti-memory"
+    return input_mode, output_mode, held
 
 
 def working_itemsize(meta, in_place: bool, volume_major: bool = False) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunking import chunk_policy
+from .chunking import chunk_policy, patch_lanes, scatter_bytes
 from .core.patches import patch_size
 
 # the passes of a file run, in order
@@ -52,12 +52,15 @@ class Plan:
     chunks : tuple of 3 ints
         Spatial chunk shape; every chunk holds all volumes.
     input_mode : str
-        'in-place' (a plain .nii read where it is), 'stage' (converted into
-        the work store first) or 'store' (a Zarr store read as it is).
+        'in-place' (a plain .nii read where it is), 'memory' (a .nii.gz or
+        remote .nii that fits the budget, read whole into memory), 'stage'
+        (converted into the work store first) or 'store' (a Zarr store read
+        as it is).
     output_mode : str
         'nifti-direct' (blocks written into a reserved .nii), 'zarr' (chunks
-        into a Zarr store), or 'nifti-via-zarr' (a Zarr store in the work
-        store, streamed into a .nii.gz or remote .nii at the end).
+        into a Zarr store), 'nifti-via-zarr' (a Zarr store in the work
+        store, streamed into a .nii.gz or remote .nii at the end) or
+        'nifti-memory' (the same, held in memory when it fits the budget).
     passes : tuple of Pass
     memory_per_worker, threads_per_worker : int
     """
@@ -135,17 +138,19 @@ def _stored_fits(stored, shape, itemsize, policy, radius) -> bool:
     return thick and small
 
 
-def _block_memory(plan_shape, chunks, itemsize, radius, threads) -> dict:
-    """Estimated bytes per worker of each pass (a few blocks per thread)."""
+def _block_memory(plan_shape, chunks, itemsize, radius, memory, threads) -> dict:
+    """Estimated bytes per worker of each pass: the blocks each thread holds
+    (as measured, see :mod:`.chunking`), the lanes' scatters while summing
+    statistics, the one scatter the solve inverts in place."""
     n = int(plan_shape[3])
     halo = math.prod(c + 2 * r for c, r in zip(chunks, radius))
     block = halo * n * itemsize
-    f = n * patch_size(radius)
-    scatter = f * f * 8
-    return {"statistics": threads * (3 * block + 2 * scatter),
-            "minima": threads * 3 * block,
-            "predict": threads * 4 * block,
-            "solve": 3 * scatter}
+    scatter = scatter_bytes(plan_shape, radius)
+    lanes = patch_lanes(plan_shape, radius, memory, threads) if any(radius) else 0
+    return {"statistics": threads * 5 * block + lanes * scatter,
+            "minima": threads * 4 * block,
+            "predict": threads * 5 * block,
+            "solve": scatter}
 
 
 def make_plan(shape, itemsize, radius, *, input_mode, output_mode, memory_per_worker,
@@ -177,7 +182,8 @@ def make_plan(shape, itemsize, radius, *, input_mode, output_mode, memory_per_wo
     chunks = choose_chunks(shape, itemsize, memory_per_worker, threads_per_worker, radius,
                            requested_chunks, stored_chunks)
     blocks = math.prod(-(-s // c) for s, c in zip(shape[:3], chunks))
-    mem = _block_memory(shape, chunks, itemsize, radius, threads_per_worker)
+    mem = _block_memory(shape, chunks, itemsize, radius, memory_per_worker,
+                        threads_per_worker)
     passes = [Pass("input", blocks if input_mode == "stage" else 0, 0),
               Pass("statistics", blocks, mem["statistics"]),
               Pass("solve", 0, mem["solve"])]

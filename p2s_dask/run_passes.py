@@ -20,17 +20,19 @@ import dask
 import numpy as np
 
 from . import __version__, engine
+from .chunking import patch_lanes
 from .core.layout import rows_order
 from .core.postprocess import fit_slope, intensity_shift, outside_range
 from .errors import DataError, InputError
 from .io import nifti_to_zarr, open_dwi
 from .io.malloc import reuse_freed_memory
 from .io.nifti_direct import open_nifti
+from .io.nifti_memory import as_blocks, read_whole
 from .io.sidecars import write_sidecars
 from .io.urls import describe_error, is_local, local_path
 from .io.zarr_store import compressor_for, store_state
 from .plan import region_key
-from .sinks import NiftiDirectSink, NiftiViaZarrSink, ZarrSink
+from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, ZarrSink
 from .validate import describe_nonfinite
 from .workstore import stats_from_arrays, stats_to_arrays
 
@@ -54,8 +56,9 @@ def execute(run, plan, work, executor, report) -> None:
     arr = engine.as_chunked(values, plan.chunks, run.radius)
     with timed("statistics", work):
         summary = statistics(run, arr, work, executor, report)
+        # the summary is saved in the work store and read by nothing else
         fitted = engine.fit_models(summary, run.groups, run.radius, run.model,
-                                   run.opts.alpha, run.calc_dtype)
+                                   run.opts.alpha, run.calc_dtype, spend=True)
     with timed("minima", work):
         post = post_processing(run, arr, fitted, work, executor, report)
     with timed("predict", work):
@@ -136,6 +139,10 @@ def stage_input(run, plan, work, executor, report):
     if plan.input_mode == "in-place":
         values, _ = open_nifti(run.inp, plan.chunks, meta=run.meta)
         return values
+    if plan.input_mode == "memory":
+        with _errors("reading the input"):
+            whole = read_whole(run.inp, run.meta, so)
+        return as_blocks(whole, plan.chunks, run.meta)
     if plan.input_mode == "store":
         values = open_dwi(run.inp, so)[0]
         if values.chunksize != (*plan.chunks, run.shape[3])[:4] or run.stored_chunks is None:
@@ -171,7 +178,11 @@ def statistics(run, arr, work, executor, report):
         report.resumed.append("statistics")
         stats, lowest = stats_from_arrays(saved)
         return engine.Summary(stats, lowest)
-    graph = engine.summarize(arr, run.groups, run.radius, run.mask)
+    # one lane of patch statistics per thread, as far as the budget holds
+    # their scatters (the chunk policy left the rest for the blocks)
+    lanes = executor.n_workers * patch_lanes(run.shape, run.radius, executor.memory_per_worker,
+                                             executor.threads_per_worker)
+    graph = engine.summarize(arr, run.groups, run.radius, run.mask, lanes=lanes)
     with _errors("computing the statistics"):
         summary = executor.compute(graph, "statistics", run.opts.progress)
     if summary.nonfinite:
@@ -231,6 +242,8 @@ def make_sink(run, plan, work, slope=1.0, sample=None):
     so = run.opts.storage_options
     if plan.output_mode == "nifti-direct":
         return NiftiDirectSink(run.out, work, out_meta)
+    if plan.output_mode == "nifti-memory":
+        return NiftiMemorySink(run.out, out_meta, so)
     codec = None if sample is None else compressor_for(sample, run.out_dtype)
     if plan.output_mode == "zarr":
         return ZarrSink(run.out, work, out_meta, plan.chunks, so, compressor=codec)
@@ -241,8 +254,8 @@ def make_sink(run, plan, work, slope=1.0, sample=None):
 
 def sample_block(values, plan, executor):
     """The input's middle block (all volumes), for choosing an output codec;
-    None for a ``.nii`` written in place, which has none."""
-    if plan.output_mode == "nifti-direct":
+    None for a NIfTI written without a store, which has none."""
+    if plan.output_mode in ("nifti-direct", "nifti-memory"):
         return None
     middle = tuple(len(c) // 2 for c in values.chunks[:3]) + (0,)
     return executor.compute(values.blocks[middle], "sample")

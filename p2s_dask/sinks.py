@@ -13,6 +13,9 @@ looks complete. The pipeline calls them; it does no sink's work itself.
   place and marked complete last, after every chunk is known to be there.
 * :class:`NiftiViaZarrSink`: a ``.nii.gz`` or remote ``.nii``: a Zarr store in
   the work store, streamed into OUT at commit (under a temporary name).
+* :class:`NiftiMemorySink`: the same, when the image fits the budget and the
+  tasks run in this process: blocks go into an array here, written into OUT
+  (under a temporary name) at commit.
 """
 
 from __future__ import annotations
@@ -21,7 +24,10 @@ import contextlib
 import os
 import shutil
 
+import numpy as np
+
 from .io import zarr_to_nifti
+from .io.nifti_memory import write_whole
 from .io.nifti_direct import block_buffer, create_nifti, finish_writes, submit_block
 from .io.urls import exists, is_local, local_path, remove
 from .io.zarr_store import (create_dwi_store, finish_region_writes, mark_complete,
@@ -131,6 +137,41 @@ class NiftiViaZarrSink(ZarrSink):
             self.finish(executor)
         zarr_to_nifti(self.url, self.out, memory_limit=self.memory_limit, overwrite=True,
                       storage_options=self.so, tmp_dir=self.tmp_dir, progress=self.progress)
+
+
+class NiftiMemorySink:
+    """A ``.nii.gz`` (or remote ``.nii``) that fits the budget, filled in
+    memory by this process's threads and written whole at commit.
+
+    Nothing of it outlives the process, so it is never resumed and marks no
+    chunk done (a mark would claim a chunk that a rerun cannot find).
+    """
+
+    def __init__(self, out, meta, storage_options=None):
+        self.out, self.meta, self.so = out, meta, storage_options
+        self.values = None
+
+    def create(self, resume: bool) -> bool:
+        self.values = np.empty(tuple(self.meta.shape), dtype=self.meta.raw_dtype, order="F")
+        return False
+
+    def buffer(self, region, dtype):
+        return None
+
+    def write(self, region, values, then):
+        # a task of this process's threaded scheduler (the plan chose this
+        # sink only for those), so the array is this process's own
+        self.values[region] = values
+
+    def finish(self, executor):
+        pass
+
+    def commit(self, executor, storage_options=None):
+        write_whole(self.out, self.meta, self.values, self.so)
+        self.values = None
+
+    def abort(self, executor):
+        self.values = None
 
 
 def partial_path(out) -> str:

@@ -157,3 +157,61 @@ def test_lazy_input_takes_the_same_solve(phantom):
     ref = reference(data, bvals, alpha=ALPHA, shift_intensity=False, model="ols",
                     patch_radius=1)
     assert np.abs(lazy - ref).max() <= TOL * np.ptp(data)
+
+
+def _stats(data, radius=1):
+    from p2s_dask.core import block_stats
+    return block_stats(np.pad(data, [(radius, radius)] * 3 + [(0, 0)]), (radius,) * 3)
+
+
+def _copy(st):
+    from p2s_dask.core.stats import Stats
+    return Stats(st.count, st.mean.copy(), st.scatter.copy())
+
+
+@pytest.mark.parametrize("case", ["well-posed", "duplicated volume", "few voxels"])
+def test_spent_statistics_give_the_same_fit(phantom, phantom_small, case, caplog):
+    """A fit that may overwrite its statistics (the inverse takes the
+    scatter's memory) gives the same weights bit for bit; where the shared
+    inverse fails, the scatter is given back for the fallback."""
+    from p2s_dask.core.solve import fit
+    data = (phantom_small if case == "few voxels" else phantom)[0].copy()
+    if case == "duplicated volume":
+        data[..., 9] = data[..., 8]
+    kept = _stats(data)
+    spent = _copy(kept)
+    with caplog.at_level(logging.INFO, logger="p2s_dask"):
+        a = fit(kept, 27, "ols")
+        b = fit(spent, 27, "ols", overwrite=True)
+    fell_back = [r for r in caplog.records if "ill-conditioned" in r.getMessage()]
+    assert bool(fell_back) == (case != "well-posed")
+    np.testing.assert_array_equal(a.weights, b.weights)
+    np.testing.assert_array_equal(a.intercept, b.intercept)
+    if fell_back:
+        # given back: one triangle of the original, bit for bit, mirrored
+        restored, original = spent.scatter, kept.scatter
+        np.testing.assert_array_equal(restored, restored.T)
+        assert (np.array_equal(np.tril(restored), np.tril(original))
+                or np.array_equal(np.triu(restored), np.triu(original)))
+    else:
+        assert not np.array_equal(spent.scatter, kept.scatter)  # it held the inverse
+
+
+def test_spent_fit_holds_one_scatter():
+    """With ``overwrite`` the fit allocates a small fraction of the F x F
+    scatter (without it, a whole copy)."""
+    import tracemalloc
+    from p2s_dask.core.solve import fit
+    from p2s_dask.core.stats import rows_stats
+    rows = np.random.default_rng(3).normal(size=(3000, 1350))  # 50 volumes x 27
+    st = rows_stats(rows)
+    size = st.scatter.nbytes
+    peaks = {}
+    for overwrite in (False, True):
+        s = _copy(st)
+        tracemalloc.start()
+        fit(s, 27, "ols", overwrite=overwrite)
+        peaks[overwrite] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[False] > size
+    assert peaks[True] < 0.25 * size

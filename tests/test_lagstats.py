@@ -390,20 +390,27 @@ def test_statistics_method_is_switchable():
 
 def test_patch_blocks_are_thick_where_the_budget_allows():
     """With a patch the chunk policy keeps whole planes and at least
-    PATCH_PLANES planes per unit of radius when a thread's share allows,
-    never past the share, and leaves patch-less runs as they were."""
+    PATCH_PLANES planes per unit of radius when the budget allows: a
+    thread's blocks within its share in the prediction pass, and beside the
+    lanes' F x F scatters in the statistics pass; lanes only as many as
+    their scatters fit; patch-less runs as they were."""
     from p2s_dask import chunking
     shape = (81, 106, 76, 160)
-    plain = chunking.chunk_policy(shape, 8, 512 << 20, 2)
-    patch = chunking.chunk_policy(shape, 8, 512 << 20, 2, (1, 1, 1))
-    assert plain == (81, 106, 3) and patch == (81, 106, chunking.PATCH_PLANES)
-    assert chunking.chunk_policy(shape, 8, 512 << 20, 2, (1, 1, 0)) == plain  # no z halo
+    plain = chunking.chunk_policy(shape, 8, 2 << 30, 2)
+    patch = chunking.chunk_policy(shape, 8, 2 << 30, 2, (1, 1, 1))
+    assert plain == (81, 106, 6) and patch == (81, 106, chunking.PATCH_PLANES)
+    assert chunking.chunk_policy(shape, 8, 2 << 30, 2, (1, 1, 0)) == plain  # no z halo
     for memory, threads in [(256 << 20, 2), (512 << 20, 16), (2 << 30, 2), (8 << 30, 4)]:
         for radius in [(1, 1, 1), (2, 2, 2)]:
             got = chunking.chunk_policy(shape, 8, memory, threads, radius)
             n_features = shape[3] * (2 * radius[0] + 1) ** 3
-            share = min(memory // (chunking.PATCH_BLOCKS_PER_THREAD * threads),
-                        8 * n_features ** 2)
+            scatter = 8 * n_features ** 2
+            lanes = chunking.patch_lanes(shape, radius, memory, threads)
+            assert 1 <= lanes <= threads
+            assert lanes == 1 or lanes * scatter <= 0.75 * memory
+            assert lanes == threads or (lanes + 1) * scatter > 0.75 * memory
+            share = (max(0, memory - lanes * scatter)
+                     // (chunking.PATCH_BLOCKS_PER_THREAD * threads))
             usual = chunking.block_bytes(memory, threads)
             block = np.prod(got) * shape[3] * 8
             assert block <= max(usual, share) or got[2] == radius[2]

@@ -162,46 +162,63 @@ def live_features(scatter: np.ndarray) -> np.ndarray:
     return diag > DEAD_RTOL * top if top > 0 else np.zeros(diag.shape, bool)
 
 
-def _shared_inverse(a: np.ndarray):
-    """Inverse of a symmetric positive definite ``a`` and its condition, in
-    the memory of ``a`` (overwritten).
+def _shared_inverse(a: np.ndarray, lam: float = 0.0):
+    """Inverse of the symmetric positive definite ``a + lam I`` and its
+    condition, in the memory of ``a``.
 
-    Scaling to unit diagonal first makes the Cholesky factorisation
-    insensitive to the very different magnitudes of b0 and DWI intensities.
-    LAPACK's estimate of the reciprocal condition number (``dpocon``, from
-    the factor, O(F^2)) decides whether the inverse can be trusted. Every
-    step works in place (``dpotrf``, then ``dpotri``): with a patch, ``F`` is
-    in the thousands and each F x F copy is hundreds of MB (``F = 8073``
-    for 300 volumes at ``r = 1``: 521 MB).
+    Scaling to a diagonal of about one first makes the Cholesky factorisation
+    insensitive to the very different magnitudes of b0 and DWI intensities;
+    the scale factors are powers of two, so scaling is exact. LAPACK's
+    estimate of the reciprocal condition number (``dpocon``, from the factor,
+    O(F^2)) decides whether the inverse can be trusted. Every step works in
+    place (``dpotrf``, then ``dpotri``): with a patch, ``F`` is in the
+    thousands and each F x F copy is hundreds of MB (``F = 8073`` for 300
+    volumes at ``r = 1``: 521 MB).
 
     Returns
     -------
     inverse : ndarray or None
-        ``a`` holding the inverse; None when ``a`` is not numerically
+        ``a`` holding the inverse; None when ``a + lam I`` is not numerically
         positive definite or its reciprocal condition number is under
-        :data:`RCOND_MIN`.
+        :data:`RCOND_MIN`: then ``a`` holds its input again, made exactly
+        symmetric from the triangle LAPACK leaves alone (the scaling is
+        exact), so a caller that lent its only copy still has it for the
+        fallback.
     rcond : float
     """
-    d = np.sqrt(np.diag(a))
-    d[d == 0] = 1.0
+    diag = np.diag(a).copy()
+    a[np.diag_indices_from(a)] += lam
+    # powers of two near sqrt(diag): the scaled diagonal lies in [1/4, 1)
+    _, exponent = np.frexp(np.sqrt(np.diag(a)))
+    d = np.ldexp(1.0, exponent)
     _scale_both(a, d)
     anorm = _max_column_sum(a)
     # a is symmetric: its transpose, Fortran-ordered, is the same matrix, so
-    # LAPACK works on it in place
+    # LAPACK works on it in place (on its lower triangle only)
     lower = a.T if a.flags.c_contiguous else a
     lapack = scipy.linalg.lapack
+    inv, rcond = None, 0.0
     factor, info = lapack.dpotrf(lower, lower=1, clean=0, overwrite_a=1)
-    if info != 0:
-        return None, 0.0
-    rcond, info = lapack.dpocon(factor, anorm, uplo="L")
-    if info != 0 or not rcond >= RCOND_MIN:
-        return None, float(rcond) if info == 0 else 0.0
-    inv, info = lapack.dpotri(factor, lower=1, overwrite_c=1)
-    if info != 0:
-        return None, 0.0
+    if info == 0:
+        rcond, info = lapack.dpocon(factor, anorm, uplo="L")
+        rcond = float(rcond) if info == 0 else 0.0
+    if info == 0 and rcond >= RCOND_MIN:
+        inv, info = lapack.dpotri(factor, lower=1, overwrite_c=1)
+    if inv is None or info != 0:
+        _restore(lower, d, diag)
+        return None, rcond
     _mirror_lower(inv)
     _scale_both(inv, d)
-    return inv, float(rcond)
+    return inv, rcond
+
+
+def _restore(lower, d, diag):
+    """Undo a failed :func:`_shared_inverse` on the Fortran-ordered ``lower``:
+    its untouched upper triangle back onto the lower, the scaling undone, the
+    original diagonal put back."""
+    _mirror_lower(lower.T)  # the transpose's lower triangle is our upper
+    _scale_both(lower, 1.0 / d)
+    lower[np.diag_indices_from(lower)] = diag
 
 
 _ROWS = 256  # rows per step of the in-place helpers: a small temporary
@@ -271,8 +288,8 @@ def _eigen_solve(s: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
     return u @ ((u.T @ b) / (evals[keep] + lam))
 
 
-def _stable_weights(scatter: np.ndarray, patch_size: int, lam: float,
-                    live: np.ndarray, count: int) -> np.ndarray:
+def _stable_weights(s: np.ndarray, idx: np.ndarray, f: int, patch_size: int, lam: float,
+                    count: int) -> np.ndarray:
     """Each volume solved on its own (ill-conditioned statistics).
 
     With fewer fitting voxels than regressors (``count`` bounds the rank of
@@ -281,11 +298,10 @@ def _stable_weights(scatter: np.ndarray, patch_size: int, lam: float,
     samples, solved in kernel form ``c = L_K (L_K' L_K + lam)^+ L_t``
     (``r x r``). Otherwise each volume's normal equations ``S[K, K]`` are
     solved in eigen form. Both give the minimum-norm solution.
+
+    ``s`` is the scatter of the live features ``idx`` (of ``f`` features).
     """
-    f = scatter.shape[0]
     m = f // patch_size
-    idx = np.flatnonzero(live)
-    s = scatter[np.ix_(idx, idx)]
     owner = idx // patch_size
     factor = _range_factor(s) if count < f - patch_size else None
     weights = np.zeros((f, m))
@@ -311,7 +327,7 @@ def _range_factor(s: np.ndarray) -> np.ndarray:
     return evecs[:, seen] * np.sqrt(evals[seen])
 
 
-def fit_ridge(stats: Stats, patch_size: int, lam: float) -> LinearModel:
+def fit_ridge(stats: Stats, patch_size: int, lam: float, overwrite: bool = False) -> LinearModel:
     """All leave-one-out ridge regressions of a group.
 
     One inverse serves all volumes while it is well conditioned; otherwise
@@ -325,6 +341,9 @@ def fit_ridge(stats: Stats, patch_size: int, lam: float) -> LinearModel:
     patch_size : int
     lam : float
         Ridge penalty on the centred scatter (``1e-10`` for 'ols').
+    overwrite : bool, optional
+        The caller gives ``stats`` up: its scatter becomes the inverse
+        instead of being copied first (one F x F matrix instead of two).
 
     Returns
     -------
@@ -334,17 +353,21 @@ def fit_ridge(stats: Stats, patch_size: int, lam: float) -> LinearModel:
     m = f // patch_size
     live = live_features(stats.scatter)
     idx = np.flatnonzero(live)
-    # one copy of the scatter, the penalty added to its diagonal in place
-    a = stats.scatter.copy() if idx.size == f else stats.scatter[np.ix_(idx, idx)]
-    a[np.diag_indices_from(a)] += lam
-    inv, rcond = _shared_inverse(a)
-    del a  # the inverse, if any, lives on as ``inv``
+    whole = idx.size == f
+    scatter = stats.scatter
+    borrowed = overwrite and whole and (scatter.flags.c_contiguous or scatter.flags.f_contiguous)
+    # the scatter itself when the caller gives it up (with a patch it is
+    # hundreds of MB), else one copy
+    a = scatter if borrowed else (scatter.copy() if whole else scatter[np.ix_(idx, idx)])
+    inv, rcond = _shared_inverse(a, lam)
     if inv is None:
         logger.info(
             "ill-conditioned statistics (%d features, %d fitting voxels, reciprocal "
             "condition %.1e): each of the %d volumes is solved on its own in eigen form",
             f, stats.count, rcond, m)
-        weights = _stable_weights(stats.scatter, patch_size, lam, live, stats.count)
+        # ``a`` is the live statistics again (borrowed or a copy: the same
+        # symmetric restoration either way)
+        weights = _stable_weights(a, idx, f, patch_size, lam, stats.count)
     else:
         weights = np.zeros((f, m))
         weights[idx] = _block_weights(inv, idx, m, patch_size)
@@ -559,7 +582,8 @@ def _warn_not_converged(count: int, total: int, solver: Solver) -> None:
         category, stacklevel=2)
 
 
-def fit(stats: Stats, patch_size: int, model="ols", alpha: float = 1.0) -> LinearModel:
+def fit(stats: Stats, patch_size: int, model="ols", alpha: float = 1.0,
+        overwrite: bool = False) -> LinearModel:
     """Fit all volumes of one group.
 
     Parameters
@@ -570,12 +594,14 @@ def fit(stats: Stats, patch_size: int, model="ols", alpha: float = 1.0) -> Linea
         A name, or a :class:`Solver` (from a scikit-learn estimator).
     alpha : float
         Penalty of a named 'ridge' or 'lasso' (ignored for a Solver).
+    overwrite : bool, optional
+        ``stats`` may be spent (see :func:`fit_ridge`).
     """
     solver = as_solver(model, alpha)
     if not solver.fit_intercept:
-        stats = uncentred(stats)
+        stats, overwrite = uncentred(stats), True  # a fresh copy
     if solver.kind == "cd":
         return fit_enet_cd(stats, patch_size, solver)
     if solver.kind == "lasso":
         return fit_lasso(stats, patch_size, solver.alpha)
-    return fit_ridge(stats, patch_size, solver.lam)
+    return fit_ridge(stats, patch_size, solver.lam, overwrite)
