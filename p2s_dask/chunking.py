@@ -22,18 +22,27 @@ BLOCKS_PER_THREAD = 8
 # of the work (measured, r = 1, 160 volumes: lag statistics 0.84 s a plane
 # in 3-plane blocks, 0.71 in 12) ...
 PATCH_PLANES = 12
-# ... as long as a thread's blocks fit its share of what the lanes'
-# scatters leave of the budget. Measured (145x174x36x288 float32 .nii, r = 1,
-# 2 threads, peak RSS per pass): a thread holds about 5 blocks in either
-# pass: summing statistics, the block, its neighbour (read for the halo and
-# held until its own turn), the block with its halo and the lag products'
-# working copies (about one block); predicting, the block, its neighbour,
-# the block with its halo, its prediction, one queued for writing
-PATCH_BLOCKS_PER_THREAD = 6
-# the lanes' F x F scatters (one per thread, see engine.summarize) take at
-# most this share of a worker's budget; fewer lanes where they would not
-# fit (at least one: the solve needs the whole scatter anyway)
-PATCH_LANES_SHARE = 0.75
+# ... as long as a thread's blocks fit its share of what the lanes leave of
+# the budget. Measured (r = 1, 2 threads, peak RSS per pass; 145x174x36x288
+# and 96x96x60x300 float32): beside its lane, a thread summing statistics
+# holds about 4 blocks (the block, the neighbour read for its halo, the
+# block with its halo); predicting, up to BLOCKS_PER_THREAD with the blocks
+# queued for writing
+PATCH_BLOCKS_PER_THREAD = 4
+# the lanes (one per thread, see engine.summarize) each hold an F x F
+# scatter and the lag products' float64 working copy with its transients
+# (the products of every lag's cells): measured 0.43 GB a lane beside the
+# scatter for 300 volumes, whose working copy is 69 MB, so about six working
+# copies. As many lanes as fit the budget beside the process itself and the
+# threads' thinnest blocks, at least one (the solve needs the scatter)
+LANE_WORKING_COPIES = 6
+# the lag products' working copy holds about this much, but never fewer than
+# 1 + 2 r planes of all volumes (see core.lagstats._Geometry.chunks)
+LAG_SLAB_BYTES = 64 << 20
+# what the process holds before any work (the interpreter, NumPy, Dask,
+# Zarr, nibabel: 0.14-0.16 GiB RSS measured), counted against the budget
+# with a patch, where the budget is tight
+PROCESS_BYTES = 160 << 20
 
 
 def scatter_bytes(shape, radius) -> int:
@@ -43,9 +52,24 @@ def scatter_bytes(shape, radius) -> int:
     return 8 * features * features
 
 
-def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int) -> int:
+def lag_working_bytes(shape, radius) -> int:
+    """Bytes of the float64 working copy of a lane's lag products, for
+    blocks of whole xy-planes (the chunk policy's)."""
+    nx, ny, _, n = (int(s) for s in shape)
+    rx, ry, rz = (int(r) for r in radius)
+    plane = (nx + 2 * rx) * (ny + 2 * ry) * (n + 1) * 8
+    return max(LAG_SLAB_BYTES, (1 + 2 * rz) * plane)
+
+
+def lane_bytes(shape, radius) -> int:
+    """What one lane of patch statistics holds besides its blocks."""
+    return scatter_bytes(shape, radius) + LANE_WORKING_COPIES * lag_working_bytes(shape, radius)
+
+
+def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int,
+                process_bytes: int = PROCESS_BYTES) -> int:
     """Lanes of patch statistics a worker runs at once: one per thread while
-    their scatters fit :data:`PATCH_LANES_SHARE` of its budget, at least one.
+    they fit its budget (less :data:`PROCESS_BYTES`), at least one.
 
     Parameters
     ----------
@@ -53,6 +77,8 @@ def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int) 
         ``(x, y, z, volumes)``.
     radius : tuple of 3 ints
     memory_per_worker, threads_per_worker : int
+    process_bytes : int, optional
+        What the process holds anyway (0 for memory that is all the lanes').
 
     Returns
     -------
@@ -61,8 +87,15 @@ def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int) 
     threads = max(1, int(threads_per_worker))
     if not any(radius):
         return threads
-    fit = int(PATCH_LANES_SHARE * int(memory_per_worker)) // scatter_bytes(shape, radius)
-    return max(1, min(threads, fit))
+    room = int(memory_per_worker) - int(process_bytes) \
+        - threads * PATCH_BLOCKS_PER_THREAD * thinnest_block_bytes(shape, radius)
+    return max(1, min(threads, room // lane_bytes(shape, radius)))
+
+
+def thinnest_block_bytes(shape, radius) -> int:
+    """A block of ``1 + 2 r`` whole planes (float32): the least worth a task."""
+    nx, ny, _, n = (int(s) for s in shape)
+    return nx * ny * (1 + 2 * int(radius[2])) * n * 4
 
 
 def block_bytes(memory_per_worker: int, threads_per_worker: int) -> int:
@@ -75,10 +108,11 @@ def block_bytes(memory_per_worker: int, threads_per_worker: int) -> int:
 
 
 def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
-                       threads_per_worker: int, radius) -> int:
+                       threads_per_worker: int, radius, lanes_apart: bool = False) -> int:
     """The fewest voxels per block worth a patch's halo: :data:`PATCH_PLANES`
     z-planes per unit of the z radius, as long as a thread's blocks fit its
-    share of what the lanes' scatters leave (0 without a z halo).
+    share of what the lanes leave while summing statistics, and of the
+    budget while predicting (0 without a z halo).
 
     Parameters
     ----------
@@ -87,6 +121,8 @@ def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
     itemsize, memory_per_worker, threads_per_worker : int
         As :func:`chunk_policy`.
     radius : tuple of 3 ints
+    lanes_apart : bool, optional
+        As :func:`chunk_policy`.
 
     Returns
     -------
@@ -97,15 +133,21 @@ def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
     if rz <= 0:
         return 0  # splitting z costs no halo
     memory, threads = int(memory_per_worker), max(1, int(threads_per_worker))
-    lanes = patch_lanes(shape, radius, memory, threads)
-    summing = memory - lanes * scatter_bytes(shape, radius)
-    share = max(0, summing) // (PATCH_BLOCKS_PER_THREAD * threads)
+    if lanes_apart:
+        share = memory // (PATCH_BLOCKS_PER_THREAD * threads)
+    else:
+        lanes = patch_lanes(shape, radius, memory, threads)
+        work = max(0, memory - PROCESS_BYTES)
+        summing = max(0, work - lanes * lane_bytes(shape, radius))
+        # the threads without a lane only read while summing
+        share = min(summing // (PATCH_BLOCKS_PER_THREAD * lanes),
+                    work // (BLOCKS_PER_THREAD * threads))
     thick = nx * ny * min(nz, PATCH_PLANES * rz)
-    return min(thick, share // (n * int(itemsize)))
+    return min(thick, max(MIN_BLOCK_BYTES, share) // (n * int(itemsize)))
 
 
 def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worker: int,
-                 radius=(0, 0, 0)) -> tuple[int, int, int]:
+                 radius=(0, 0, 0), lanes_apart: bool = False) -> tuple[int, int, int]:
     """Spatial chunk shape ``(cx, cy, cz)`` for blocks holding all volumes.
 
     Splits z first, then y, then x: whole xy-planes keep a NIfTI's
@@ -125,16 +167,23 @@ def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worke
         The budget of one worker, bytes.
     threads_per_worker : int
     radius : tuple of 3 ints, optional
+    lanes_apart : bool, optional
+        The lanes of patch statistics have memory of their own (the
+        in-memory API's); by default they come out of ``memory_per_worker``
+        and the blocks get what they leave.
 
     Returns
     -------
     tuple of 3 ints
     """
     nx, ny, nz, n = (int(s) for s in shape)
-    target = block_bytes(memory_per_worker, threads_per_worker)
-    voxels = max(1, target // (n * int(itemsize)),
-                 patch_block_voxels(shape, itemsize, memory_per_worker, threads_per_worker,
-                                    radius))
+    if int(radius[2]) > 0:
+        # the patch rule alone: the budget left beside the lanes
+        voxels = max(1, patch_block_voxels(shape, itemsize, memory_per_worker,
+                                           threads_per_worker, radius, lanes_apart))
+    else:
+        target = block_bytes(memory_per_worker, threads_per_worker)
+        voxels = max(1, target // (n * int(itemsize)))
     sizes = [nx, ny, nz]
     for axis in (2, 1, 0):
         if math.prod(sizes) <= voxels:

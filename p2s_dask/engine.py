@@ -92,6 +92,10 @@ class Summary:
 # the working budget of an in-memory call: the data and the output are in
 # memory already, so what the call adds stays a fraction of them
 API_MEMORY_LIMIT = 512 << 20
+# ... besides the lanes of patch statistics (each an F x F scatter and its
+# working copies: 0.5 GB for 160 volumes at r = 1), one per thread within
+# this much
+API_LANES_MEMORY = 3 << 29
 
 
 def auto_chunks(shape, radius=(0, 0, 0), itemsize=8, memory_limit=API_MEMORY_LIMIT,
@@ -99,7 +103,8 @@ def auto_chunks(shape, radius=(0, 0, 0), itemsize=8, memory_limit=API_MEMORY_LIM
     """Chunks ``(cx, cy, cz, n)`` of the chunk policy for an in-memory run
     (a thread per usable core)."""
     from dask.system import CPU_COUNT
-    spatial = chunk_policy(shape, itemsize, memory_limit, threads or CPU_COUNT, radius)
+    spatial = chunk_policy(shape, itemsize, memory_limit, threads or CPU_COUNT, radius,
+                           lanes_apart=True)  # the lanes have API_LANES_MEMORY
     return (*spatial, int(shape[3]))
 
 
@@ -393,9 +398,8 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
     lanes : int, optional
         With a patch and large scatters (over :data:`SMALL_SCATTER_BYTES`), blocks are summed
         along this many chains, which bounds the F x F matrices held at once
-        (default: one per thread of :func:`default_lanes` while their
-        scatters fit :data:`API_MEMORY_LIMIT`, see
-        :func:`.chunking.patch_lanes`).
+        (default: one per thread of :func:`default_lanes` while they fit
+        :data:`API_LANES_MEMORY`, see :func:`.chunking.patch_lanes`).
     """
     method = _stats_method.get() if method is None else _check_method(method)
     tasks, sizes = _block_tasks(arr, radius, mask)
@@ -403,7 +407,8 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
     widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
     if widest * widest * 8 > SMALL_SCATTER_BYTES and any(radius):
         if lanes is None:
-            lanes = patch_lanes(arr.shape, radius, API_MEMORY_LIMIT, default_lanes())
+            lanes = patch_lanes(arr.shape, radius, API_LANES_MEMORY, default_lanes(),
+                                process_bytes=0)
         return _lanes(tasks, sizes, groups, radius, check_finite, method, lanes)
     fn = dask.delayed(_summarize_block, pure=True)
     parts = [fn(block, mblock, groups, radius, origin, check_finite, method)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .chunking import chunk_policy, patch_lanes, scatter_bytes
+from .chunking import chunk_policy, lane_bytes, patch_lanes, scatter_bytes
 from .core.patches import patch_size
 
 # the passes of a file run, in order
@@ -147,7 +147,7 @@ def _block_memory(plan_shape, chunks, itemsize, radius, memory, threads) -> dict
     block = halo * n * itemsize
     scatter = scatter_bytes(plan_shape, radius)
     lanes = patch_lanes(plan_shape, radius, memory, threads) if any(radius) else 0
-    return {"statistics": threads * 5 * block + lanes * scatter,
+    return {"statistics": threads * 4 * block + lanes * lane_bytes(plan_shape, radius),
             "minima": threads * 4 * block,
             "predict": threads * 5 * block,
             "solve": scatter}

@@ -26,6 +26,7 @@ import shutil
 
 import numpy as np
 
+from .core.layout import volume_columns
 from .io import zarr_to_nifti
 from .io.nifti_memory import write_whole
 from .io.nifti_direct import block_buffer, create_nifti, finish_writes, submit_block
@@ -156,12 +157,18 @@ class NiftiMemorySink:
         return False
 
     def buffer(self, region, dtype):
-        return None
+        """The region of the image itself, when the prediction can fill it
+        in place (each volume's part one Fortran-ordered run)."""
+        if np.dtype(dtype) != self.values.dtype:
+            return None
+        view = self.values[region]
+        return view if volume_columns(view) is not None else None
 
     def write(self, region, values, then):
         # a task of this process's threaded scheduler (the plan chose this
-        # sink only for those), so the array is this process's own
-        self.values[region] = values
+        # sink only for those), so the image is this process's own
+        if not np.may_share_memory(values, self.values):
+            self.values[region] = values
 
     def finish(self, executor):
         pass

@@ -389,30 +389,40 @@ def test_statistics_method_is_switchable():
 
 
 def test_patch_blocks_are_thick_where_the_budget_allows():
-    """With a patch the chunk policy keeps whole planes and at least
-    PATCH_PLANES planes per unit of radius when the budget allows: a
-    thread's blocks within its share in the prediction pass, and beside the
-    lanes' F x F scatters in the statistics pass; lanes only as many as
-    their scatters fit; patch-less runs as they were."""
+    """With a patch the lanes of statistics come first: one per thread while
+    they (each an F x F scatter and the lag products' working copies) and the
+    threads' thinnest blocks fit the budget beside the process, at least one.
+    Blocks get what the lanes leave: at least PATCH_PLANES planes per unit
+    of radius where that allows, never past it or a thread's share of the
+    prediction pass. Patch-less runs are as they were."""
     from p2s_dask import chunking
     shape = (81, 106, 76, 160)
-    plain = chunking.chunk_policy(shape, 8, 2 << 30, 2)
-    patch = chunking.chunk_policy(shape, 8, 2 << 30, 2, (1, 1, 1))
+    plain = chunking.chunk_policy(shape, 8, 4 << 30, 2)
+    patch = chunking.chunk_policy(shape, 8, 4 << 30, 2, (1, 1, 1))
     assert plain == (81, 106, 6) and patch == (81, 106, chunking.PATCH_PLANES)
-    assert chunking.chunk_policy(shape, 8, 2 << 30, 2, (1, 1, 0)) == plain  # no z halo
+    assert chunking.chunk_policy(shape, 8, 4 << 30, 2, (1, 1, 0)) == plain  # no z halo
     for memory, threads in [(256 << 20, 2), (512 << 20, 16), (2 << 30, 2), (8 << 30, 4)]:
         for radius in [(1, 1, 1), (2, 2, 2)]:
             got = chunking.chunk_policy(shape, 8, memory, threads, radius)
             n_features = shape[3] * (2 * radius[0] + 1) ** 3
-            scatter = 8 * n_features ** 2
+            # a lane: its scatter and the lag products' working copies, at
+            # least 1 + 2 r planes (padded by r) of all volumes and a volume of ones
+            plane = (shape[0] + 2 * radius[0]) * (shape[1] + 2 * radius[1]) * (shape[3] + 1)
+            slab = max(64 << 20, (1 + 2 * radius[2]) * plane * 8)
+            lane = 8 * n_features ** 2 + chunking.LANE_WORKING_COPIES * slab
+            thinnest = np.prod(shape[:2]) * (1 + 2 * radius[2]) * shape[3] * 4
+            work = memory - chunking.PROCESS_BYTES
+            room = work - threads * chunking.PATCH_BLOCKS_PER_THREAD * thinnest
             lanes = chunking.patch_lanes(shape, radius, memory, threads)
             assert 1 <= lanes <= threads
-            assert lanes == 1 or lanes * scatter <= 0.75 * memory
-            assert lanes == threads or (lanes + 1) * scatter > 0.75 * memory
-            share = (max(0, memory - lanes * scatter)
-                     // (chunking.PATCH_BLOCKS_PER_THREAD * threads))
-            usual = chunking.block_bytes(memory, threads)
+            assert lanes == 1 or lanes * lane <= room
+            assert lanes == threads or (lanes + 1) * lane > room
+            share = min(max(0, work - lanes * lane) // (chunking.PATCH_BLOCKS_PER_THREAD * lanes),
+                        work // (chunking.BLOCKS_PER_THREAD * threads))
             block = np.prod(got) * shape[3] * 8
-            assert block <= max(usual, share) or got[2] == radius[2]
+            assert block <= max(share, chunking.MIN_BLOCK_BYTES) or got[2] == radius[2]
             thick = min(radius[2] * chunking.PATCH_PLANES, shape[2])
             assert got[2] >= thick or np.prod(shape[:2]) * thick * shape[3] * 8 > share
+    # the in-memory API's lanes have memory of their own: blocks by its budget
+    api = chunking.chunk_policy(shape, 8, 512 << 20, 2, (1, 1, 1), lanes_apart=True)
+    assert np.prod(api) * shape[3] * 8 <= (512 << 20) // (chunking.PATCH_BLOCKS_PER_THREAD * 2)
