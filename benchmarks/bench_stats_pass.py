@@ -24,6 +24,10 @@ for every case:
 Both passes' statistics are checked to agree (max |difference| over the
 largest entry, per group, mean and scatter, within 1e-9).
 
+``--mode cli``: ``p2s-dask denoise`` of the phantom written as a ``.nii``
+(``--dtype``), radius 1, ``--memory-limit`` (default 2GiB), in a fresh
+process: stage times, wall and the peak RSS of the process tree.
+
 ``--mode call``: only the whole call, e.g. on a 300-volume phantom
 (``--shape 96 96 60 --nvols 300 --nb0 20 --shells 1000 2000``), its wall
 and CPU time and the peak RSS against ``--budget`` (2 GiB, the command
@@ -232,6 +236,43 @@ def call_mode(args, cache, shape):
                         within_budget=peak <= args.budget, chunks=new_chunks(shape))
 
 
+def cli_mode(args, cache, shape):
+    """``p2s-dask denoise IN.nii OUT.nii --patch-radius 1 --ver 1`` with the
+    default budget, in a fresh process, page cache dropped (floors.run_cli)."""
+    import nibabel as nib
+    from floors import run_cli
+    data, bvals = _load(cache, args.dtype)
+    with tempfile.TemporaryDirectory(dir=args.tmp_dir) as tmp:
+        src, out = os.path.join(tmp, "dwi.nii"), os.path.join(tmp, "den.nii")
+        affine = np.load(os.path.join(cache, "affine.npy"))
+        nib.save(nib.Nifti1Image(data, affine), src)
+        np.savetxt(os.path.join(tmp, "dwi.bval"), bvals[None], fmt="%g")
+        del data
+        got = run_cli(src, out, args.memory_limit,
+                      extra=["--patch-radius", str(RADIUS[0]), "--ver", "1"])
+    budget = _parse_bytes(args.memory_limit)
+    case = dict(case="cli", wall_s=got["wall_s"], stages=got["stages"],
+                chunks=got["plan"]["chunks"], peak_rss_bytes=got["peak_rss_tree"],
+                command=got["command"])
+    return [case], dict(budget_bytes=budget, peak_bytes=got["peak_rss_tree"],
+                        within_budget=got["peak_rss_tree"] <= budget)
+
+
+def _parse_bytes(text):
+    from dask.utils import parse_bytes
+    return int(parse_bytes(text))
+
+
+def print_cli(cases, summary):
+    c = cases[0]
+    print("\nstage        seconds")
+    for name, secs in c["stages"].items():
+        print(f"{name:<12} {secs:>8.1f}")
+    print(f"{'whole':<12} {c['wall_s']:>8.1f}  (process start included)")
+    print(f"chunks {'x'.join(map(str, c['chunks']))}, peak RSS of the process tree "
+          f"{c['peak_rss_bytes'] / GiB:.2f} GiB (budget {summary['budget_bytes'] / GiB:.2f})")
+
+
 def print_table(cases, summary):
     print(f"\n{'case':<13} {'chunks':>14} {'wall s':>8} {'cpu s':>8} {'peak GiB':>9} "
           f"{'before GiB':>10}")
@@ -253,7 +294,9 @@ def machine():
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["stats", "call"], default="stats")
+    p.add_argument("--mode", choices=["stats", "call", "cli"], default="stats")
+    p.add_argument("--memory-limit", default="2GiB", help="cli mode: --memory-limit")
+    p.add_argument("--tmp-dir", help="cli mode: where the .nii files go (default $TMPDIR)")
     p.add_argument("--shape", type=int, nargs=3, default=[81, 106, 76])
     p.add_argument("--nvols", type=int, default=160)
     p.add_argument("--nb0", type=int, default=10)
@@ -287,8 +330,9 @@ def main(argv=None):
                          for k in ("shape", "nvols", "nb0", "shells", "snr", "seed")})
     shape = tuple(args.shape) + (args.nvols,)
     started = time.time()
-    cases, summary = (stats_mode if args.mode == "stats" else call_mode)(args, cache, shape)
-    print_table(cases, summary)
+    modes = {"stats": stats_mode, "call": call_mode, "cli": cli_mode}
+    cases, summary = modes[args.mode](args, cache, shape)
+    (print_cli if args.mode == "cli" else print_table)(cases, summary)
     key = f"{args.mode}_{'x'.join(map(str, shape))}_{args.dtype}"
     result = dict(command="python benchmarks/bench_stats_pass.py " + " ".join(
         sys.argv[1:] if argv is None else argv), data=dict(

@@ -69,7 +69,8 @@ def lane_bytes(shape, radius) -> int:
 def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int,
                 process_bytes: int = PROCESS_BYTES) -> int:
     """Lanes of patch statistics a worker runs at once: one per thread while
-    they fit its budget (less :data:`PROCESS_BYTES`), at least one.
+    they fit its budget beside the process itself and each thread's
+    :data:`PATCH_BLOCKS_PER_THREAD` thinnest blocks, at least one.
 
     Parameters
     ----------

@@ -199,8 +199,14 @@ class Executor:
         """Threads of all workers together (how many tasks run at once)."""
         return self.n_workers * self.threads_per_worker
 
-    def compute(self, collection, desc: str = "", progress: bool = False):
-        """The value of a Dask collection, as ``dask.compute(collection)[0]``."""
+    def compute(self, collection, desc: str = "", progress: bool = False,
+                threads: int | None = None):
+        """The value of a Dask collection, as ``dask.compute(collection)[0]``.
+
+        ``threads`` caps the threads of a local run (e.g. the lanes of patch
+        statistics: a thread without a lane would only read blocks ahead and
+        hold them); a cluster's workers keep their own.
+        """
         raise NotImplementedError
 
     def run(self, fn, *args, **kwargs) -> dict:
@@ -238,7 +244,8 @@ class ThreadsExecutor(Executor):
         self.is_local = True
         self.in_process = True
 
-    def compute(self, collection, desc: str = "", progress: bool = False):
+    def compute(self, collection, desc: str = "", progress: bool = False,
+                threads: int | None = None):
         """The value of a Dask collection, computed by this process's threads.
 
         Parameters
@@ -248,15 +255,18 @@ class ThreadsExecutor(Executor):
             The stage's name, for the progress output.
         progress : bool
             A bar on stderr when it is a terminal, else one line per stage.
+        threads : int, optional
+            Fewer threads than the worker's (see :meth:`Executor.compute`).
         """
         import dask
         from dask.diagnostics import ProgressBar
 
+        workers = min(self.threads_per_worker, threads or self.threads_per_worker)
         with _stage(desc, progress) as tty:
             bar = ProgressBar(width=40, out=sys.stderr) if tty else contextlib.nullcontext()
             with bar:
                 (result,) = dask.compute(collection, scheduler="threads",
-                                         num_workers=self.threads_per_worker)
+                                         num_workers=workers)
         return result
 
     def run(self, fn, *args, **kwargs) -> dict:
@@ -298,7 +308,8 @@ class DistributedExecutor(Executor):
         workers = _scheduler_info(self.client)["workers"].values()
         return max(1, sum(int(w.get("nthreads") or 1) for w in workers))
 
-    def compute(self, collection, desc: str = "", progress: bool = False):
+    def compute(self, collection, desc: str = "", progress: bool = False,
+                threads: int | None = None):
         """The value of a Dask collection, computed on the cluster.
 
         Parameters

@@ -29,8 +29,9 @@ from .core import predict_block
 from .core.layout import rows_order, volume_columns
 from .core.predict import prediction_minima as block_prediction_minima
 from .core.postprocess import intensity_shift
-from .engine import (FittedModels, _clip_negatives, _interior, _one_key, _RunningMin,
-                     as_chunked, fit_models, summarize, with_halo)
+from .chunking import patch_lanes
+from .engine import (API_LANES_MEMORY, FittedModels, _clip_negatives, _interior, _one_key,
+                     _RunningMin, as_chunked, default_lanes, fit_models, summarize, with_halo)
 from .groups import Group
 from .threads import OneBlasThread
 
@@ -145,8 +146,12 @@ class _LocalRun:
                  for idx, slc in _grid(chunks)}
         return _task_array(tasks, chunks, self.data.dtype)
 
-    def compute(self, obj):
-        return dask.compute(obj, **self.kwargs)[0]
+    def compute(self, obj, threads=None):
+        """``obj``'s value; ``threads`` caps the local scheduler's threads."""
+        kwargs = dict(self.kwargs)
+        if threads is not None:
+            kwargs["num_workers"] = threads
+        return dask.compute(obj, **kwargs)[0]
 
     def stream(self, tasks, place):
         """Compute ``tasks`` (Delayed) and ``place(i, piece)`` each result.
@@ -203,8 +208,8 @@ class _DistributedRun:
                           self.order)
         return _task_array(tasks, chunks, self.dtype)
 
-    def compute(self, obj):
-        return self.client.compute(obj).result()
+    def compute(self, obj, threads=None):
+        return self.client.compute(obj).result()  # the workers keep their threads
 
     def stream(self, tasks, place):
         """Compute ``tasks`` (Delayed) and ``place(i, piece)`` each result as
@@ -326,8 +331,12 @@ def denoise_into(data: np.ndarray, target: np.ndarray, groups: list[Group], radi
     order = block_order(data)
     run = _runner(data, order, stats_chunks)
     try:
+        # with a patch, no more threads than lanes (see run_passes.statistics)
+        lanes = patch_lanes(data.shape, radius, API_LANES_MEMORY, default_lanes(),
+                            process_bytes=0)
         summary = run.compute(summarize(run.array(stats_chunks), groups, radius, mask,
-                                        check_finite))
+                                        check_finite, lanes=lanes),
+                              threads=lanes if any(radius) else None)
         # the summary came back to this process and is read by nothing else
         fitted = fit_models(summary, groups, radius, model, alpha, calc_dtype, spend=True)
         pieces = run.array(prediction_chunks(stats_chunks, radius, order))
