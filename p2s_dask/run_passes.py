@@ -55,10 +55,9 @@ def execute(run, plan, work, executor, report) -> None:
         # let the allocator hand freed ones back instead of fresh pages
         reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
     else:
-        # with a patch the arithmetic dwarfs page faults, while the lanes'
-        # buffers of many sizes, kept by glibc after they are freed, grew
-        # the process by a block's worth per step (measured: 1.75 GiB for 6
-        # blocks, 2.67 for 12, with the same arrays alive): give them back
+        # with a patch the arithmetic dwarfs page faults, and the lanes'
+        # buffers come in many sizes: give freed ones back rather than keep
+        # the process at its high-water mark
         return_freed_memory()
     arr = engine.as_chunked(values, plan.chunks, run.radius)
     with timed("statistics", work):

@@ -159,10 +159,10 @@ def test_converted_store_is_denoised_without_a_rechunk(tmp_path, monkeypatch, sc
     layers = []
     original = ThreadsExecutor.compute
 
-    def recording(self, collection, desc="", progress=False):
+    def recording(self, collection, desc="", progress=False, **kwargs):
         for c in collection if isinstance(collection, list) else [collection]:
             layers.extend(c.__dask_graph__().layers.keys())
-        return original(self, collection, desc, progress)
+        return original(self, collection, desc, progress, **kwargs)
 
     monkeypatch.setattr(ThreadsExecutor, "compute", recording)
     report = tmp_path / "r.json"
