@@ -329,6 +329,12 @@ def _lane_finish(lane: Summary) -> Summary:
     return lane
 
 
+def api_lanes(shape, radius) -> int:
+    """Lanes of patch statistics for an in-memory call: one per thread of
+    :func:`default_lanes` while they fit :data:`API_LANES_MEMORY`."""
+    return patch_lanes(shape, radius, API_LANES_MEMORY, default_lanes(), process_bytes=0)
+
+
 def _lane_runs(sizes, lanes: int):
     """Split blocks, in order, into at most ``lanes`` runs of consecutive
     blocks holding about equal numbers of voxels."""
@@ -407,8 +413,7 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
     widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
     if widest * widest * 8 > SMALL_SCATTER_BYTES and any(radius):
         if lanes is None:
-            lanes = patch_lanes(arr.shape, radius, API_LANES_MEMORY, default_lanes(),
-                                process_bytes=0)
+            lanes = api_lanes(arr.shape, radius)
         return _lanes(tasks, sizes, groups, radius, check_finite, method, lanes)
     fn = dask.delayed(_summarize_block, pure=True)
     parts = [fn(block, mblock, groups, radius, origin, check_finite, method)

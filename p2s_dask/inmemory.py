@@ -29,9 +29,8 @@ from .core import predict_block
 from .core.layout import rows_order, volume_columns
 from .core.predict import prediction_minima as block_prediction_minima
 from .core.postprocess import intensity_shift
-from .chunking import patch_lanes
-from .engine import (API_LANES_MEMORY, FittedModels, _clip_negatives, _interior, _one_key,
-                     _RunningMin, as_chunked, default_lanes, fit_models, summarize, with_halo)
+from .engine import (FittedModels, _clip_negatives, _interior, _one_key, _RunningMin,
+                     api_lanes, as_chunked, fit_models, summarize, with_halo)
 from .groups import Group
 from .threads import OneBlasThread
 
@@ -332,8 +331,7 @@ def denoise_into(data: np.ndarray, target: np.ndarray, groups: list[Group], radi
     run = _runner(data, order, stats_chunks)
     try:
         # with a patch, no more threads than lanes (see run_passes.statistics)
-        lanes = patch_lanes(data.shape, radius, API_LANES_MEMORY, default_lanes(),
-                            process_bytes=0)
+        lanes = api_lanes(data.shape, radius)
         summary = run.compute(summarize(run.array(stats_chunks), groups, radius, mask,
                                         check_finite, lanes=lanes),
                               threads=lanes if any(radius) else None)

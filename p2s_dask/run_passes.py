@@ -186,15 +186,16 @@ def statistics(run, plan, arr, work, executor, report):
         return engine.Summary(stats, lowest)
     # one lane of patch statistics per thread, as far as the plan's budget
     # holds them (the chunk policy left the rest for the blocks)
-    lanes = executor.n_workers * patch_lanes(run.shape, run.radius, plan.memory_per_worker,
-                                             plan.threads_per_worker)
-    graph = engine.summarize(arr, run.groups, run.radius, run.mask, lanes=lanes)
+    per_worker = patch_lanes(run.shape, run.radius, plan.memory_per_worker,
+                             plan.threads_per_worker)
+    graph = engine.summarize(arr, run.groups, run.radius, run.mask,
+                             lanes=executor.n_workers * per_worker)
     with _errors("computing the statistics"):
         # with a patch, no more threads than lanes: a thread without a lane
         # would read the blocks of the lanes' later steps ahead and hold them
         # (measured with one lane on 145x174x36x288: every block read within
         # 5 s of the start, 2.8 GB resident against 1.8)
-        threads = lanes // executor.n_workers if any(run.radius) else None
+        threads = per_worker if any(run.radius) else None
         summary = executor.compute(graph, "statistics", run.opts.progress, threads=threads)
     if summary.nonfinite:
         raise DataError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
