@@ -95,9 +95,10 @@ def _load(cache, dtype):
 def stats_pass(data, bvals, chunks, method):
     """The statistics pass as the in-memory API runs it: its chunks, its
     scheduler (threads on every core), one BLAS thread per task."""
-    from p2s_dask import engine, inmemory
-    from p2s_dask.groups import make_groups
-    from p2s_dask.threads import single_threaded_blas
+    from p2s_dask.graph import engine
+    from p2s_dask.run import inmemory
+    from p2s_dask.config.groups import make_groups
+    from p2s_dask.run.threads import single_threaded_blas
 
     groups = make_groups(bvals, data.shape[3])
     with single_threaded_blas():
@@ -114,7 +115,7 @@ def stats_pass(data, bvals, chunks, method):
 
 def whole_call(data, bvals, chunks, method):
     import p2s_dask
-    from p2s_dask import engine
+    from p2s_dask.graph import engine
 
     with engine.statistics_method(method):
         return p2s_dask.patch2self(data, bvals, patch_radius=RADIUS, version=1,
@@ -156,12 +157,12 @@ def worker(args):
 def old_chunks(shape):
     """The chunks of ``patch_radius=1`` before lagged products: the policy's
     chunks of ``patch_radius=0``, made as thick as the radius."""
-    from p2s_dask.engine import auto_chunks
+    from p2s_dask.graph.engine import auto_chunks
     return [max(c, r) for c, r in zip(auto_chunks(shape)[:3], RADIUS)]
 
 
 def new_chunks(shape):
-    from p2s_dask.engine import auto_chunks
+    from p2s_dask.graph.engine import auto_chunks
     return list(auto_chunks(shape, RADIUS)[:3])
 
 
@@ -173,7 +174,7 @@ def run_case(args, cache, kind, method, chunks, save=None):
     if save:
         cmd += ["--save", save]
     print(f"  {kind} {method} chunks={chunks} ...", flush=True)
-    from p2s_dask.memory import PeakMemory
+    from p2s_dask.run.memory import PeakMemory
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=ROOT)
         with PeakMemory(proc.pid, interval=0.05) as tree:  # the whole process tree

@@ -95,7 +95,7 @@ def cli(*args, env=None) -> tuple[float, float]:
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "p2s_dask.cli", *map(str, args)], check=True,
+    subprocess.run([sys.executable, "-m", "p2s_dask.fronts.cli", *map(str, args)], check=True,
                    env=env, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -67,7 +67,7 @@ from p2s_dask.core.layout import piece_rows
 from p2s_dask.core.patches import patch_size, sub_boxes
 from p2s_dask.core.predict import predict_block
 from p2s_dask.core.stats import block_stats
-from p2s_dask.groups import make_groups
+from p2s_dask.config.groups import make_groups
 
 # bytes per read or write of the I/O floors
 CHUNK = 16 << 20
@@ -666,10 +666,10 @@ def run_cli(src, out, memory_limit: str, extra=()) -> dict:
         ``command`` and the fields of the run's ``--report-json`` (``stages``,
         ``plan``, ``shape``, ``resumed``, ...).
     """
-    from p2s_dask.memory import PeakMemory
+    from p2s_dask.run.memory import PeakMemory
 
     report = Path(str(out) + ".report.json")
-    cmd = [sys.executable, "-m", "p2s_dask.cli", "denoise", str(src), str(out),
+    cmd = [sys.executable, "-m", "p2s_dask.fronts.cli", "denoise", str(src), str(out),
            "--memory-limit", memory_limit, "--report-json", str(report), "--quiet",
            "--overwrite", *extra]
     drop_caches()

@@ -11,12 +11,13 @@ import warnings
 import dask.array as da
 import numpy as np
 
-from . import engine, inmemory
+from .graph import engine
+from .run import inmemory
 from .core.patches import patch_size
 from .errors import InputError
-from .groups import make_groups
-from .threads import single_threaded_blas
-from .validate import (check_bvals, check_finite, check_fit_size, check_options,
+from .config.groups import make_groups
+from .run.threads import single_threaded_blas
+from .config.validate import (check_bvals, check_finite, check_fit_size, check_options,
                        check_precision, check_shape, check_tmp_dir)
 
 logger = logging.getLogger("p2s_dask")

@@ -11,8 +11,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2s_dask.bids import ENTITIES, parse_name
-from p2s_dask.cli import main
+from p2s_dask.fronts.bids import ENTITIES, parse_name
+from p2s_dask.fronts.cli import main
 
 from test_faults import write_dwi
 
@@ -107,7 +107,7 @@ def test_participant_and_session_labels(dataset, tmp_path, capsys):
 
 def test_killed_bids_run_resumes(dataset, tmp_path):
     out = tmp_path / "d"
-    cmd = [sys.executable, "-m", "p2s_dask.cli", "bids", str(dataset), str(out),
+    cmd = [sys.executable, "-m", "p2s_dask.fronts.cli", "bids", str(dataset), str(out),
            "participant", "--quiet"]
     env = dict(os.environ, P2S_DASK_PAUSE_BEFORE="predict")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)

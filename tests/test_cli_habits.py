@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from p2s_dask import patch2self
-from p2s_dask.cli import build_parser, main
-from p2s_dask.options import option_fields
+from p2s_dask.fronts.cli import build_parser, main
+from p2s_dask.config.options import option_fields
 
 from test_faults import BVALS, write_dwi
 

@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 from p2s_dask.io import open_dwi
 
 # every run of a comparison uses the same chunks: the statistics are summed
@@ -236,7 +236,7 @@ def test_storage_options_reach_workers(cluster, small_dwi, local_result, tmp_pat
 def test_workers_must_see_local_files(cluster, tmp_path):
     """With --scheduler, local paths work only where the workers share the
     file system; the pipeline checks that before any work."""
-    from p2s_dask.executors import require_shared_files
+    from p2s_dask.run.executors import require_shared_files
     from p2s_dask.errors import InputError
 
     shared = tmp_path / "params.json"
@@ -261,7 +261,7 @@ def test_losing_a_worker_mid_run(cluster, small_dwi, tmp_path):
     out = tmp_path / "den.nii.gz"
     done = Path(str(out) + ".p2s-work") / "done"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "p2s_dask.cli", "denoise", str(small_dwi), str(out),
+        [sys.executable, "-m", "p2s_dask.fronts.cli", "denoise", str(small_dwi), str(out),
          "--chunks", KILL_CHUNKS, "--scheduler", cluster.address, "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_clean_env())
     try:
@@ -294,7 +294,7 @@ def test_chunks_follow_each_workers_memory_limit(tmp_path):
     """Two clusters whose workers report 256 MiB and 1 GiB: two chunk sizes,
     each the chunk policy's for that worker, and each run equal to a local
     run on the same chunks."""
-    from p2s_dask.chunking import chunk_policy
+    from p2s_dask.planning.chunking import chunk_policy
     rng = np.random.default_rng(3)
     shape, n = (96, 96, 60), 40
     bvals = np.array([0, 0] + [1000] * (n - 2), float)

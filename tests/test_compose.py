@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from p2s_dask.cli import build_parser
+from p2s_dask.fronts.cli import build_parser
 
 yaml = pytest.importorskip("yaml")
 

@@ -9,7 +9,8 @@ import dask
 import numpy as np
 import pytest
 
-from p2s_dask import inmemory, patch2self
+from p2s_dask import patch2self
+from p2s_dask.run import inmemory
 from p2s_dask.testing.reference import reference_patch2self
 
 distributed = pytest.importorskip("distributed")

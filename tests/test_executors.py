@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from p2s_dask.errors import InputError
-from p2s_dask.executors import (
+from p2s_dask.run.executors import (
     DistributedExecutor,
     ThreadsExecutor,
     open_executor,

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 
 from faults import require_mount, small_disk
 
@@ -61,7 +61,7 @@ def one_line_error(capsys, *args):
 
 
 def command(*args):
-    return [sys.executable, "-m", "p2s_dask.cli", *map(str, args), "--quiet"]
+    return [sys.executable, "-m", "p2s_dask.fronts.cli", *map(str, args), "--quiet"]
 
 
 def spawn(*args, **env):
@@ -505,7 +505,7 @@ def test_in_equals_out_on_the_object_store(s3, capsys, overwrite):
 def test_object_store_lost_mid_run(data, s3, tmp_path):
     import json
 
-    from p2s_dask.pipeline import work_url
+    from p2s_dask.run.pipeline import work_url
     out = "s3://p2s-faults/out/den.zarr"
     work = Path(work_url(out, str(tmp_path)))
     so = json.dumps(s3.options(config_kwargs={"retries": {"max_attempts": 1},

@@ -322,7 +322,7 @@ def test_merge_in_place_is_the_same_merge():
 
 
 def _engine_case(m=8, shape=(9, 8, 10), seed=4):
-    from p2s_dask.groups import make_groups
+    from p2s_dask.config.groups import make_groups
     img = make_image("float32", shape=shape, m=m, seed=seed)
     bvals = np.array([0] * 2 + [1000] * (m - 2))
     return img, make_groups(bvals, m)
@@ -333,7 +333,7 @@ def test_lanes_give_the_statistics_of_the_whole_image(monkeypatch, mask_kind):
     """The pass in lanes (any number, any method) equals the direct
     statistics of the whole image; bad values are still counted."""
     import dask
-    from p2s_dask import engine
+    from p2s_dask.graph import engine
     img, groups = _engine_case()
     mask = None if mask_kind is None else make_mask("holes", shape=img.shape[:3])
     radius = (1, 1, 1)
@@ -356,7 +356,7 @@ def test_lanes_give_the_statistics_of_the_whole_image(monkeypatch, mask_kind):
 
 
 def test_lane_runs_balance_the_voxels():
-    from p2s_dask.engine import _lane_runs
+    from p2s_dask.graph.engine import _lane_runs
     assert [list(r) for r in _lane_runs([12] * 6 + [4], 2)] == [[0, 1, 2], [3, 4, 5, 6]]
     assert [list(r) for r in _lane_runs([5] * 3, 8)] == [[0], [1], [2]]
     assert [list(r) for r in _lane_runs([5] * 4, 1)] == [[0, 1, 2, 3]]
@@ -364,7 +364,7 @@ def test_lane_runs_balance_the_voxels():
 
 def test_statistics_method_is_switchable():
     import dask
-    from p2s_dask import engine
+    from p2s_dask.graph import engine
     img, groups = _engine_case()
     arr = engine.as_chunked(img, (9, 8, 5), (1, 1, 1))
     seen = []
@@ -395,7 +395,7 @@ def test_patch_blocks_are_thick_where_the_budget_allows():
     Blocks get what the lanes leave: at least PATCH_PLANES planes per unit
     of radius where that allows, never past it or a thread's share of the
     prediction pass. Patch-less runs are as they were."""
-    from p2s_dask import chunking
+    from p2s_dask.planning import chunking
     shape = (81, 106, 76, 160)
     plain = chunking.chunk_policy(shape, 8, 4 << 30, 2)
     patch = chunking.chunk_policy(shape, 8, 4 << 30, 2, (1, 1, 1))

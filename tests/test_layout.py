@@ -8,7 +8,7 @@ from p2s_dask.core import LinearModel, block_stats, predict_block
 from p2s_dask.core.layout import voxel_rows
 from p2s_dask.core.postprocess import cast, cast_into
 from p2s_dask.core.predict import block_segments, prediction_minima
-from p2s_dask.validate import check_precision
+from p2s_dask.config.validate import check_precision
 from p2s_dask.errors import InputError
 
 

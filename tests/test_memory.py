@@ -11,7 +11,7 @@ import textwrap
 import nibabel as nib
 import numpy as np
 
-from p2s_dask.memory import PeakMemory
+from p2s_dask.run.memory import PeakMemory
 
 MiB = 2**20
 
@@ -47,7 +47,7 @@ def test_cli_memory_does_not_grow_with_data(tmp_path):
     for name, shape in [("small", (24, 24, 12, 60)), ("large", (96, 96, 48, 60))]:
         src = tmp_path / f"{name}.nii.gz"
         nbytes = write_int16(src, shape, seed=1)
-        cmd = [sys.executable, "-m", "p2s_dask.cli", "denoise", str(src),
+        cmd = [sys.executable, "-m", "p2s_dask.fronts.cli", "denoise", str(src),
                str(tmp_path / f"{name}_out.nii.gz"), "--memory-limit", str(budget),
                "--quiet"]
         rc, peak, out = peak_tree_rss(cmd)

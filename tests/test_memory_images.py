@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 
 BVALS = np.array([0, 0] + [1000] * 10 + [2000] * 10, float)
 

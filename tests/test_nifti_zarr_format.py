@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 from p2s_dask.io import DwiMeta, create_dwi_store, nifti_to_zarr, open_dwi, store_state
 from p2s_dask.errors import InputError
 

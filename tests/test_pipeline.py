@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from p2s_dask import patch2self
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 from p2s_dask.datasets import example_paths
 
 
@@ -187,7 +187,7 @@ def test_interrupted_run_resumes_to_identical_result(dataset, tmp_path):
     assert cli("denoise", path, ref, "--chunks", "4,4,5") == 0
     out = tmp_path / "out.nii"
     work = Path(str(out) + ".p2s-work")
-    cmd = [sys.executable, "-m", "p2s_dask.cli", "denoise", str(path), str(out),
+    cmd = [sys.executable, "-m", "p2s_dask.fronts.cli", "denoise", str(path), str(out),
            "--chunks", "4,4,5", "--quiet"]
     env = dict(os.environ, P2S_DASK_CHUNK_DELAY="0.05")  # slows each output chunk
     proc = subprocess.Popen(cmd, env=env)

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 from p2s_dask.io import open_dwi
 
 s3fs = pytest.importorskip("s3fs")
@@ -131,7 +131,7 @@ def test_credentials_from_environment(s3, local_result, tmp_path):
     # and fsspec caches file systems per set of options
     env = aws_env(s3, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_ENDPOINT_URL=s3["endpoint"])
-    res = subprocess.run([sys.executable, "-m", "p2s_dask.cli", "denoise",
+    res = subprocess.run([sys.executable, "-m", "p2s_dask.fronts.cli", "denoise",
                           f"s3://{BUCKET}/in/dwi.nii.gz", f"s3://{BUCKET}/env/den.nii.gz",
                           "--quiet"], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from p2s_dask.cli import main
+from p2s_dask.fronts.cli import main
 
 from test_faults import BVALS, write_dwi
 

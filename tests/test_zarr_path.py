@@ -13,7 +13,7 @@ from p2s_dask.errors import InputError
 from p2s_dask.io import open_dwi, open_dwi_array, write_region
 from p2s_dask.io.chunk_io import (ChunkWriter, _ChunkCodec, finish_region_writes,
                                   read_chunks, submit_region)
-from p2s_dask.memory import PeakMemory
+from p2s_dask.run.memory import PeakMemory
 
 MiB = 2**20
 
@@ -37,13 +37,13 @@ def dwi(shape, nvols, seed=0):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "p2s_dask.cli", *map(str, args), "--quiet"],
+    return subprocess.run([sys.executable, "-m", "p2s_dask.fronts.cli", *map(str, args), "--quiet"],
                           capture_output=True, text=True)
 
 
 def peak_denoise(src, out, budget):
     """Peak RSS of the whole process tree of one ``denoise`` run."""
-    proc = subprocess.Popen([sys.executable, "-m", "p2s_dask.cli", "denoise", str(src),
+    proc = subprocess.Popen([sys.executable, "-m", "p2s_dask.fronts.cli", "denoise", str(src),
                              str(out), "--memory-limit", str(budget), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with PeakMemory(proc.pid, interval=0.01) as peak:
@@ -82,7 +82,7 @@ def test_both_paths_stay_within_the_budget_and_agree(tmp_path):
 def test_same_numbers_as_through_zarr(tmp_path, monkeypatch):
     """Reading and writing chunks without Zarr's machinery changes no number:
     a .zarr -> .zarr run gives the bytes Zarr's own reads and writes give."""
-    from p2s_dask.cli import main
+    from p2s_dask.fronts.cli import main
     import p2s_dask.io.chunk_io as zs
 
     data, bvals = dwi((24, 22, 10), 20, seed=3)

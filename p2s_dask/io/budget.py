@@ -132,7 +132,7 @@ def plan(shape, itemsize, memory_limit, chunks=None, chunk_itemsize=None) -> Pla
         Bytes.
     chunks : sequence of ints, optional
         Spatial chunk shape; by default the chunk policy's
-        (:func:`p2s_dask.chunking.chunk_policy`), which ``denoise`` uses too,
+        (:func:`p2s_dask.planning.chunking.chunk_policy`), which ``denoise`` uses too,
         so a converted store is denoised without a rechunk.
     chunk_itemsize : int, optional
         Bytes per value the chunk policy counts (default ``itemsize``; 8 for
@@ -161,7 +161,7 @@ def plan(shape, itemsize, memory_limit, chunks=None, chunk_itemsize=None) -> Pla
     if chunks is None:
         from dask.system import CPU_COUNT
 
-        from ..chunking import chunk_policy
+        from ..planning.chunking import chunk_policy
         chunks = chunk_policy(shape, chunk_itemsize or itemsize, memory_limit, CPU_COUNT)
         chunks = (*chunks[:2], min(chunks[2], max_z))
     else:

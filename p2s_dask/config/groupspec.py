@@ -8,7 +8,7 @@
 * a file (local or URL) of one integer label per volume; negative labels
   pass volumes through.
 
-The result is a label per volume, which :func:`p2s_dask.groups.make_groups`
+The result is a label per volume, which :func:`p2s_dask.config.groups.make_groups`
 turns into groups, as for the API's ``groups=``.
 """
 
@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 from .options import spell
 
 SHELL_ROUNDING = 100.0
@@ -72,7 +72,7 @@ def _batches(text, dwi):
 
 
 def _labels_file(path, n, storage_options):
-    from .io.fsl import read_text
+    from ..io.fsl import read_text
     try:
         text = read_text(path, storage_options)
     except InputError as exc:

@@ -21,7 +21,7 @@ import re
 import sys
 import time
 
-from .errors import InputError
+from ..errors import InputError
 
 SCHEDULER_ENV = "P2S_DASK_SCHEDULER"
 DASK_SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"

@@ -29,18 +29,18 @@ import numpy as np
 from dask.array.core import normalize_chunks, slices_from_chunks
 from dask.graph_manipulation import bind
 
-from .core import LinearModel, block_stats, fit, merge, patch_size, predict_block
-from .core.lagstats import LagSum, lag_block_stats, lags_pay_off
-from .core.layout import rows_order, voxel_rows
-from .core.postprocess import intensity_shift
-from .core.predict import combine
-from .core.predict import prediction_minima as block_prediction_minima
-from .core.predict import prediction_range as block_prediction_range
-from .chunking import chunk_policy, patch_lanes
-from .errors import InputError
-from .groups import Group
-from .threads import OneBlasThread
-from .validate import describe_nonfinite
+from ..core import LinearModel, block_stats, fit, merge, patch_size, predict_block
+from ..core.lagstats import LagSum, lag_block_stats, lags_pay_off
+from ..core.layout import rows_order, voxel_rows
+from ..core.postprocess import intensity_shift
+from ..core.predict import combine
+from ..core.predict import prediction_minima as block_prediction_minima
+from ..core.predict import prediction_range as block_prediction_range
+from ..planning.chunking import chunk_policy, patch_lanes
+from ..errors import InputError
+from ..config.groups import Group
+from ..run.threads import OneBlasThread
+from ..config.validate import describe_nonfinite
 
 TREE_FAN_IN = 8
 # statistics whose F x F scatter is larger than this are merged in lanes

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import example_paths
-from .errors import InputError
+from ..datasets import example_paths
+from ..errors import InputError
 
 
 def save_figure(original, denoised, path, volume=None, z=None, title=""):
@@ -46,7 +46,7 @@ def run_demo(out_dir="p2s_demo", *, overwrite=False, progress=True):
     """
     import nibabel as nib
 
-    from .pipeline import denoise_file
+    from ..run.pipeline import denoise_file
 
     paths = example_paths()
     out_dir = Path(out_dir)

@@ -17,12 +17,12 @@ import os
 import time
 from dataclasses import dataclass
 
-from .errors import InputError
-from .executors import open_executor
-from .io.budget import parse_memory_limit
-from .io.sidecars import sidecar_urls
-from .options import Options
-from .pipeline import denoise_file, work_url
+from ..errors import InputError
+from ..run.executors import open_executor
+from ..io.budget import parse_memory_limit
+from ..io.sidecars import sidecar_urls
+from ..config.options import Options
+from ..run.pipeline import denoise_file, work_url
 
 logger = logging.getLogger("p2s_dask")
 
@@ -64,7 +64,7 @@ def denoise_many(pairs, options: Options, *, bvals=None, bvecs=None, say=print) 
     pairs : sequence of (str, str)
     options : Options
     bvals, bvecs : optional
-        As for :func:`~p2s_dask.pipeline.denoise_file` (the same for all).
+        As for :func:`~p2s_dask.run.pipeline.denoise_file` (the same for all).
     say : callable
         Where the summary lines go.
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 # how the current front spells option names in messages: 'api' or 'cli'
 _FRONT = contextvars.ContextVar("p2s_front", default="api")

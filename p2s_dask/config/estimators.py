@@ -26,8 +26,8 @@ import sys
 
 import numpy as np
 
-from .core.solve import Solver
-from .errors import InputError
+from ..core.solve import Solver
+from ..errors import InputError
 from .options import spell
 
 SUPPORTED = ("LinearRegression", "Ridge", "Lasso", "ElasticNet")

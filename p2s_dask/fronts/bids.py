@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import InputError
+from .. import __version__
+from ..errors import InputError
 
 # the specification's entity order (those that may appear on DWI files, and
 # desc for derivatives)

@@ -1,6 +1,6 @@
 """The passes of a file run, each resumable from the work store.
 
-:func:`execute` runs a :class:`~p2s_dask.plan.Plan` on an executor: it
+:func:`execute` runs a :class:`~p2s_dask.planning.plan.Plan` on an executor: it
 stages the input, computes (or reloads) the statistics, solves, computes
 (or reloads) the prediction minima, predicts every chunk not yet done into
 the sink, and commits the sink. Each pass is a small function; the Dask
@@ -19,21 +19,22 @@ from dataclasses import dataclass
 import dask
 import numpy as np
 
-from . import __version__, engine
-from .chunking import patch_lanes
-from .core.layout import rows_order
-from .core.postprocess import fit_slope, intensity_shift, outside_range
-from .errors import DataError, InputError
-from .io import nifti_to_zarr, open_dwi
-from .io.malloc import return_freed_memory, reuse_freed_memory
-from .io.nifti_direct import open_nifti
-from .io.nifti_memory import as_blocks, read_whole
-from .io.sidecars import write_sidecars
-from .io.urls import describe_error, is_local, local_path
-from .io.zarr_store import compressor_for, store_state
-from .plan import region_key
+from .. import __version__
+from ..graph import engine
+from ..planning.chunking import patch_lanes
+from ..core.layout import rows_order
+from ..core.postprocess import fit_slope, intensity_shift, outside_range
+from ..errors import DataError, InputError
+from ..io import nifti_to_zarr, open_dwi
+from ..io.malloc import return_freed_memory, reuse_freed_memory
+from ..io.nifti_direct import open_nifti
+from ..io.nifti_memory import as_blocks, read_whole
+from ..io.sidecars import write_sidecars
+from ..io.urls import describe_error, is_local, local_path
+from ..io.zarr_store import compressor_for, store_state
+from ..planning.plan import region_key
 from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, ZarrSink
-from .validate import describe_nonfinite
+from ..config.validate import describe_nonfinite
 from .workstore import stats_from_arrays, stats_to_arrays
 
 logger = logging.getLogger("p2s_dask")

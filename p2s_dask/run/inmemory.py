@@ -25,13 +25,13 @@ import numpy as np
 from dask.array.core import slices_from_chunks
 from dask.callbacks import Callback
 
-from .core import predict_block
-from .core.layout import rows_order, volume_columns
-from .core.predict import prediction_minima as block_prediction_minima
-from .core.postprocess import intensity_shift
-from .engine import (FittedModels, _clip_negatives, _interior, _one_key, _RunningMin,
+from ..core import predict_block
+from ..core.layout import rows_order, volume_columns
+from ..core.predict import prediction_minima as block_prediction_minima
+from ..core.postprocess import intensity_shift
+from ..graph.engine import (FittedModels, _clip_negatives, _interior, _one_key, _RunningMin,
                      api_lanes, as_chunked, fit_models, summarize, with_halo)
-from .groups import Group
+from ..config.groups import Group
 from .threads import OneBlasThread
 
 # float64 bytes of one prediction task's block: the statistics keep the
@@ -330,7 +330,7 @@ def denoise_into(data: np.ndarray, target: np.ndarray, groups: list[Group], radi
     order = block_order(data)
     run = _runner(data, order, stats_chunks)
     try:
-        # with a patch, no more threads than lanes (see run_passes.statistics)
+        # with a patch, no more threads than lanes (see run.passes.statistics)
         lanes = api_lanes(data.shape, radius)
         summary = run.compute(summarize(run.array(stats_chunks), groups, radius, mask,
                                         check_finite, lanes=lanes),

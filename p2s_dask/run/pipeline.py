@@ -27,24 +27,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
-from .core.postprocess import resolve_postprocess
-from .errors import DataError, InputError
+from .. import __version__
+from ..core.postprocess import resolve_postprocess
+from ..errors import DataError, InputError
 from .executors import open_executor
-from .groups import make_groups
-from .groupspec import group_labels
-from .io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
-from .io.budget import parse_memory_limit, store_itemsize
-from .io.urls import exists, is_local, join
-from .io.sidecars import read_json_sidecar, sidecar_urls
-from .io.zarr_store import store_state
+from ..config.groups import make_groups
+from ..config.groupspec import group_labels
+from ..io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
+from ..io.budget import parse_memory_limit, store_itemsize
+from ..io.urls import exists, is_local, join
+from ..io.sidecars import read_json_sidecar, sidecar_urls
+from ..io.zarr_store import store_state
 from .memory import PeakMemory
-from .options import Options, check_run_options
-from .plan import make_plan
-from .run_passes import execute
-from .safety import canonical, check_in_out, output_lock
+from ..config.options import Options, check_run_options
+from ..planning.plan import make_plan
+from .passes import execute
+from ..planning.safety import canonical, check_in_out, output_lock
 from .threads import single_threaded_blas
-from .validate import check_bvals, check_options, check_precision, check_shape
+from ..config.validate import check_bvals, check_options, check_precision, check_shape
 from .workstore import WorkStore, content_hash, fingerprint
 
 WORK_SUFFIX = ".p2s-work"
@@ -134,9 +134,9 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
         FSL files (or arrays). By default those stored in a Zarr input, or
         ``IN``'s FSL-named siblings (``dwi.bval`` / ``dwi.bvec``).
     options : Options, optional
-        Every option of the run (see :class:`p2s_dask.options.Options`).
+        Every option of the run (see :class:`p2s_dask.config.options.Options`).
     executor : Executor, optional
-        An open executor (:func:`p2s_dask.executors.open_executor`) shared by
+        An open executor (:func:`p2s_dask.run.executors.open_executor`) shared by
         several runs; by default one is opened for this run and closed after.
     **run_options
         Fields of :class:`Options` given directly (e.g. ``memory_limit``,
@@ -239,7 +239,7 @@ def _refuse_existing_output(out, out_kind, wurl, opts):
     state = store_state(out, opts.storage_options) if out_kind == "zarr" else "complete"
     ours = state == "incomplete" and exists(join(wurl, "run.json"), opts.storage_options)
     if not ours:
-        from .options import spell
+        from ..config.options import spell
         raise InputError(f"{out} exists; use {spell('overwrite')} to replace it")
 
 
@@ -251,13 +251,13 @@ def _refuse_existing_sidecars(out, out_kind, wurl, opts):
         return
     for url in sidecar_urls(out).values():
         if exists(url, opts.storage_options):
-            from .options import spell
+            from ..config.options import spell
             raise InputError(f"{url} exists (OUT's sidecar); use {spell('overwrite')} "
                              "to replace it")
 
 
 def plan_for(run: Run, executor):
-    """The :class:`~p2s_dask.plan.Plan` of ``run`` on ``executor``'s workers."""
+    """The :class:`~p2s_dask.planning.plan.Plan` of ``run`` on ``executor``'s workers."""
     opts = run.opts
     in_place = (run.in_kind == "nifti" and executor.is_local and str(run.inp).endswith(".nii")
                 and is_local(run.inp))
@@ -389,9 +389,9 @@ def _gradients(inp, kind, bvals, bvecs, meta, storage_options):
 def _probe(url, kind, storage_options):
     """Shape and meta of the input, from its header or its store."""
     if kind == "zarr":
-        from .io.zarr_store import probe_store
+        from ..io.zarr_store import probe_store
         return probe_store(url, storage_options)
-    from .io.nifti_stream import NiftiReader
+    from ..io.nifti_stream import NiftiReader
     reader = NiftiReader(url, storage_options=storage_options)
     try:
         return tuple(reader.meta.shape), reader.meta, None

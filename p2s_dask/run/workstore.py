@@ -23,9 +23,9 @@ import os
 
 import numpy as np
 
-from .core.stats import Stats
-from .io import fs_and_path, user_errors
-from .io.urls import is_local, join
+from ..core.stats import Stats
+from ..io import fs_and_path, user_errors
+from ..io.urls import is_local, join
 
 FORMAT = "p2s-dask-work"
 VERSION = 2

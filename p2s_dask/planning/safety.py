@@ -17,8 +17,8 @@ import posixpath
 
 from fsspec.core import split_protocol
 
-from .errors import InputError
-from .io.urls import is_local, local_path
+from ..errors import InputError
+from ..io.urls import is_local, local_path
 
 
 def canonical(url) -> str:
@@ -85,8 +85,8 @@ def check_in_out(inp, out, work_url, others=()) -> None:
 
 def _sidecars_of(url) -> list:
     """The .bval/.bvec/.json beside a NIfTI (none for a store)."""
-    from .io.sidecars import sidecar_urls
-    from .io.urls import kind_of
+    from ..io.sidecars import sidecar_urls
+    from ..io.urls import kind_of
     try:
         return list(sidecar_urls(url).values()) if kind_of(url) == "nifti" else []
     except InputError:

@@ -26,12 +26,12 @@ import shutil
 
 import numpy as np
 
-from .core.layout import volume_columns
-from .io import zarr_to_nifti
-from .io.nifti_memory import write_whole
-from .io.nifti_direct import block_buffer, create_nifti, finish_writes, submit_block
-from .io.urls import exists, is_local, local_path, remove
-from .io.zarr_store import (create_dwi_store, finish_region_writes, mark_complete,
+from ..core.layout import volume_columns
+from ..io import zarr_to_nifti
+from ..io.nifti_memory import write_whole
+from ..io.nifti_direct import block_buffer, create_nifti, finish_writes, submit_block
+from ..io.urls import exists, is_local, local_path, remove
+from ..io.zarr_store import (create_dwi_store, finish_region_writes, mark_complete,
                             open_dwi_array, store_state, submit_region)
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .core.patches import normalize_radius
-from .core.solve import MODELS, as_solver, interpolates
-from .errors import InputError
+from ..core.patches import normalize_radius
+from ..core.solve import MODELS, as_solver, interpolates
+from ..errors import InputError
 from .estimators import accepted, is_estimator, solver_from_estimator
 from .options import spell, spell_value
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .chunking import chunk_policy, lane_bytes, patch_lanes, scatter_bytes
-from .core.patches import patch_size
+from ..core.patches import patch_size
 
 # the passes of a file run, in order
 PASS_NAMES = ("input", "statistics", "solve", "minima", "predict", "output")

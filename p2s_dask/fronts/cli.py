@@ -1,0 +1,331 @@
+"""The ``p2s-dask`` command: convert, denoise, demo."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import warnings
+
+from ..errors import InputError
+
+def _ints(text, flag):
+    try:
+        return [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{flag} takes integers; got {text!r}") from None
+
+
+def _chunks(text):
+    parts = _ints(text, "--chunks")
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError("--chunks takes three positive ints, e.g. 64,64,16")
+    return tuple(parts)
+
+
+def _radius(text):
+    parts = _ints(text, "--patch-radius")
+    if len(parts) not in (1, 3):
+        raise argparse.ArgumentTypeError("--patch-radius takes 1 or 3 ints, e.g. 1 or 1,1,0")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _storage(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"--storage-options is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--storage-options must be a JSON object")
+    return value
+
+
+# how each option's text becomes a value (default: the text itself)
+_PARSERS = {
+    "patch_radius": _radius, "alpha": float, "b0_threshold": float, "version": int,
+    "chunks": _chunks, "storage_options": _storage, "workers": int, "threads": int,
+    "log_level": str.upper,
+}
+# options of both subcommands (the rest are denoise's)
+_COMMON = ("memory_limit", "storage_options", "overwrite", "tmp_dir", "log_level", "log_file")
+
+
+def _add_option(p, f):
+    """The arguments of one field of :class:`Options`: its flag, DIPY's
+    spellings of it, and for a switch ``--no-X`` or DIPY's ``--skip_X``."""
+    meta = f.metadata
+    flags = (meta["flag"], *meta["aliases"])
+    kwargs = {"default": f.default, "help": meta["help"], "dest": f.name}
+    if meta["switch"]:
+        action = argparse.BooleanOptionalAction if f.default else "store_true"
+        p.add_argument(*flags, action=action, **kwargs)
+    else:
+        kwargs["type"] = _PARSERS.get(f.name, str)
+        for key in ("metavar", "choices"):
+            if meta[key]:
+                kwargs[key] = meta[key]
+        p.add_argument(*flags, **kwargs)
+    if meta["negative"]:
+        p.add_argument(meta["negative"], dest=f.name, action="store_false",
+                       help=f"same as --no-{meta['flag'][2:]} (DIPY's spelling; default: not given)")
+
+
+class _Help(argparse.HelpFormatter):
+    """Every option's default in ``--help``, unless its text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        quiet = (argparse._HelpAction, argparse._VersionAction, argparse._StoreFalseAction)
+        if "default" in text or action.default in (argparse.SUPPRESS, None) \
+                or not action.option_strings or isinstance(action, quiet):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _options_args(p, names=None):
+    from ..config.options import option_fields
+    for f in option_fields(cli=True):
+        if names is None or f.name in names:
+            _add_option(p, f)
+    p.add_argument("--quiet", action="store_true", help="no progress")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (``p2s-dask: error: ...``, exit code 2)."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``p2s-dask`` parser; denoise's options come from :class:`Options`."""
+    from .. import __version__
+    parser = _Parser(
+        prog="p2s-dask", formatter_class=_Help,
+        description="Exact, out-of-core Patch2Self denoising of diffusion MRI.")
+    parser.add_argument("--version", action="version", version=f"p2s-dask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="NIfTI <-> NIfTI-Zarr store (chosen by the names)",
+                          formatter_class=_Help)
+    conv.add_argument("input", metavar="IN")
+    conv.add_argument("output", metavar="OUT")
+    conv.add_argument("--bvals", default=None,
+                      help="FSL bvals to store (default: IN's .bval sibling, if any)")
+    conv.add_argument("--bvecs", default=None,
+                      help="FSL bvecs to store (default: IN's .bvec sibling, if any)")
+    _options_args(conv, _COMMON + ("chunks",))
+
+    den = sub.add_parser("denoise", help="denoise IN into OUT (each NIfTI or Zarr)",
+                         formatter_class=_Help,
+                         usage="%(prog)s [options] IN OUT | IN [IN ...] --out-dir DIR")
+    den.add_argument("paths", nargs="+", metavar="PATH",
+                     help="IN OUT, or with --out-dir one or more IN (globs allowed)")
+    den.add_argument("--out-dir", default=None, metavar="DIR",
+                     help="write each IN's output here, under IN's name (default: none)")
+    den.add_argument("--bvals", default=None,
+                     help="FSL bvals (default: stored in a Zarr IN, or IN's .bval sibling)")
+    den.add_argument("--bvecs", default=None,
+                     help="FSL bvecs (default: stored in a Zarr IN, or IN's .bvec sibling)")
+    den.add_argument("--report-json", default=None, metavar="FILE",
+                     help="also write the run's timings and peak memory as JSON "
+                          "(default: none)")
+    _options_args(den)
+
+    bids = sub.add_parser("bids", help="BIDS App: denoise every DWI run of a dataset",
+                          formatter_class=_Help)
+    bids.add_argument("bids_dir", metavar="BIDS_DIR")
+    bids.add_argument("output_dir", metavar="OUTPUT_DIR")
+    bids.add_argument("analysis_level", choices=("participant",))
+    bids.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
+                      metavar="LABEL", help="only these subjects (default: all)")
+    bids.add_argument("--session-label", "--session_label", nargs="+", default=None,
+                      metavar="LABEL", help="only these sessions (default: all)")
+    _options_args(bids)
+
+    demo = sub.add_parser("demo", help="denoise the bundled example data",
+                          formatter_class=_Help)
+    demo.add_argument("--out-dir", default="p2s_demo",
+                      help="where to write the result and figure (default %(default)s)")
+    demo.add_argument("--overwrite", action="store_true")
+    demo.add_argument("--quiet", action="store_true")
+    return parser
+
+
+def _convert(args):
+    from ..io import kind_of, nifti_to_zarr
+    src, dst = kind_of(args.input), kind_of(args.output)
+    common = dict(memory_limit=args.memory_limit, overwrite=args.overwrite,
+                  storage_options=args.storage_options, tmp_dir=args.tmp_dir,
+                  progress=not args.quiet)
+    if src == "nifti" and dst == "zarr":
+        nifti_to_zarr(args.input, args.output, chunks=args.chunks, bvals=args.bvals,
+                      bvecs=args.bvecs, **common)
+    elif src == "zarr" and dst == "nifti":
+        _convert_to_nifti(args, common)
+    else:
+        raise InputError(f"convert goes from NIfTI to Zarr or back; got {src} -> {dst}")
+    print(f"p2s-dask: wrote {args.output}")
+
+
+def _convert_to_nifti(args, common):
+    """A store back to NIfTI, with the gradients it holds as .bval/.bvec."""
+    from ..io import open_dwi_array, zarr_to_nifti
+    from ..io.sidecars import sidecar_urls, write_sidecars
+    from ..io.urls import exists
+    _, meta = open_dwi_array(args.input, args.storage_options)
+    urls = sidecar_urls(args.output)
+    wanted = [urls[".bval"]] * (meta.bvals is not None) + [urls[".bvec"]] * (meta.bvecs is not None)
+    taken = [u for u in wanted if exists(u, args.storage_options)]
+    if taken and not args.overwrite:
+        raise InputError(f"{taken[0]} exists; use --overwrite to replace it")
+    zarr_to_nifti(args.input, args.output, **common)
+    write_sidecars(args.output, bvals=meta.bvals, bvecs=meta.bvecs,
+                   storage_options=args.storage_options)
+
+
+def _options_of(args):
+    from ..config.options import Options, option_fields
+    values = {f.name: getattr(args, f.name) for f in option_fields(cli=True)}
+    return Options(**values, progress=not args.quiet)
+
+
+def _expand(paths) -> list:
+    """Inputs with local globs expanded (a shell may not have done it)."""
+    import glob
+    out = []
+    for p in paths:
+        if any(c in p for c in "*?[") and "://" not in p:
+            found = sorted(glob.glob(p))
+            if not found:
+                raise InputError(f"no input matches {p}")
+            out.extend(found)
+        else:
+            out.append(p)
+    return out
+
+
+def _denoise(args):
+    if args.out_dir is None:
+        if len(args.paths) != 2:
+            raise InputError("denoise takes IN OUT, or inputs with --out-dir DIR")
+        return _denoise_one(args, *args.paths)
+    inputs = _expand(args.paths)
+    if args.report_json:
+        raise InputError("--report-json is for one run (IN OUT)")
+    pairs = [(p, os.path.join(args.out_dir, os.path.basename(p.rstrip("/"))))
+             for p in inputs]
+    return _run_many(args, pairs)
+
+
+def _denoise_one(args, inp, out):
+    from ..run.pipeline import denoise_file
+    report = denoise_file(inp, out, bvals=args.bvals, bvecs=args.bvecs,
+                          options=_options_of(args))
+    if report.resumed:
+        print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
+    print(report.summary_line())
+    if args.report_json:
+        with open(args.report_json, "w") as fh:
+            json.dump(report.as_dict(), fh, indent=1)
+
+
+def _run_many(args, pairs, bvals=None, bvecs=None) -> int:
+    from .batch import denoise_many, table
+    outcomes = denoise_many(pairs, _options_of(args), bvals=bvals, bvecs=bvecs)
+    print(table(outcomes))
+    return 2 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _bids(args):
+    from .bids import find_dwi_runs, write_description
+    runs = find_dwi_runs(args.bids_dir, args.output_dir, args.participant_label,
+                         args.session_label)
+    if not runs:
+        raise InputError(f"no DWI runs found in {args.bids_dir}")
+    write_description(args.output_dir, args.bids_dir)
+    return _run_many(args, [(str(r.path), str(r.output)) for r in runs])
+
+
+def _demo(args):
+    from .demo import run_demo
+    run_demo(args.out_dir, overwrite=args.overwrite, progress=not args.quiet)
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"p2s-dask: warning: {message}\n"
+
+
+class _LineFormatter(logging.Formatter):
+    """``p2s-dask: warning: ...`` for warnings and errors, ``p2s-dask: ...``
+    for information, as the command's other lines."""
+
+    def format(self, record):
+        level = "" if record.levelno < logging.WARNING else record.levelname.lower() + ": "
+        return f"p2s-dask: {level}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _logging(args):
+    """The 'p2s_dask' log to stderr (one line per message) and to --log-file."""
+    logger = logging.getLogger("p2s_dask")
+    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setFormatter(_LineFormatter())
+    if getattr(args, "log_file", None):
+        try:
+            handlers.append(logging.FileHandler(args.log_file))
+        except OSError as exc:
+            raise InputError(f"--log-file {args.log_file}: {exc.strerror}") from None
+        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    old_level = logger.level
+    logger.setLevel(getattr(args, "log_level", "WARNING"))
+    for h in handlers:
+        logger.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+
+
+def _in_cli_words(exc: InputError) -> str:
+    from ..errors import OutputExistsError
+    if isinstance(exc, OutputExistsError):
+        return f"{exc}; use --overwrite to replace it"
+    return str(exc)
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``p2s-dask`` console script."""
+    # users of the command want the warning, not the line of our code
+    warnings.formatwarning = _one_line_warning
+    # a failed storage request can leave background tasks of the storage
+    # library failing too: the run reports the failure in one line, and
+    # asyncio's "exception was never retrieved" would add a traceback
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    try:
+        args = build_parser().parse_args(argv)
+    except InputError as exc:
+        print(f"p2s-dask: error: {exc} (see p2s-dask --help)", file=sys.stderr)
+        return 2
+    handlers = {"convert": _convert, "denoise": _denoise, "demo": _demo, "bids": _bids}
+    from ..config.options import front
+    try:
+        with front("cli"), _logging(args):
+            code = handlers[args.command](args)
+    except InputError as exc:
+        print(f"p2s-dask: error: {_in_cli_words(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("p2s-dask: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return code or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
