@@ -17,8 +17,8 @@ from .core.patches import patch_size
 from .errors import InputError
 from .config.groups import make_groups
 from .run.threads import single_threaded_blas
-from .config.validate import (check_bvals, check_finite, check_fit_size, check_options,
-                       check_precision, check_shape, check_tmp_dir)
+from .config.validate import (check_bvals, check_data_dtype, check_finite, check_fit_size,
+                              check_options, check_precision, check_shape, check_tmp_dir)
 
 logger = logging.getLogger("p2s_dask")
 
@@ -155,6 +155,7 @@ def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha
     """Validate (one line per problem, before any work), then run."""
     shape = tuple(data.shape)
     check_shape(shape)
+    check_data_dtype(data.dtype)
     radius, model, out_dtype = check_options(
         patch_radius=patch_radius, model=model, alpha=alpha, version=version,
         out_dtype=out_dtype)

@@ -13,3 +13,8 @@ class DataError(InputError):
 class OutputExistsError(InputError):
     """The output is there already; the front decides how to say "replace it"
     (``overwrite=True`` in Python, ``--overwrite`` on the command line)."""
+
+
+class BusyError(InputError):
+    """Another p2s-dask process holds the output's lock: a batch counts the
+    run as taken by that process, not as failed."""

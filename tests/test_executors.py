@@ -236,7 +236,7 @@ def test_non_positive_counts_are_refused(flag, value):
 
 
 def test_non_positive_memory_limit_is_refused():
-    with pytest.raises(InputError, match="^--memory-limit must be positive"):
+    with pytest.raises(InputError, match="^memory_limit=0 is below the least workable budget"):
         with open_executor(memory_limit=0):
             pass
 

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 
 from ..errors import InputError
+from .budget import DEFAULT_MEMORY_LIMIT, size_text
 
 # how the current front spells option names in messages: 'api' or 'cli'
 _FRONT = contextvars.ContextVar("p2s_front", default="api")
@@ -122,7 +123,7 @@ class Options:
         "--chunks", "spatial chunk shape X,Y,Z (default: from the memory budget)",
         metavar="X,Y,Z"))
     # -- options that say how the work runs
-    memory_limit: object = field(default="2GiB", metadata=_opt(
+    memory_limit: object = field(default=size_text(DEFAULT_MEMORY_LIMIT), metadata=_opt(
         "--memory-limit", "memory budget of a local run, shared by its workers; on a "
         "cluster each worker's own limit rules, this one for workers without one",
         api=False))
@@ -214,3 +215,20 @@ def check_run_options(opts: Options) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
             or not math.isfinite(threshold):
         raise InputError(f"{spell('b0_threshold')} must be a finite number; got {threshold!r}")
+    _check_budget(opts)
+    # the writers' dtypes are checked here, before any file is touched: the
+    # in-memory API may return others (check_options' rule)
+    from .validate import check_out_dtype
+    check_out_dtype(opts.out_dtype, stored=True)
+
+
+def _check_budget(opts: Options) -> None:
+    """The budget parses and is workable; so is each local worker's share
+    of it (there is no share when a scheduler runs the work)."""
+    from .budget import check_worker_share, parse_memory_limit
+    parse_memory_limit(opts.memory_limit)
+    if opts.workers in (None, 1):
+        return
+    from ..run.executors import resolve_scheduler
+    if resolve_scheduler(opts.scheduler, opts.scheduler_file) is None:
+        check_worker_share(opts.memory_limit, opts.workers)

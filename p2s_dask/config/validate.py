@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.patches import normalize_radius
+from ..core.patches import normalize_radius, patch_size
 from ..core.solve import MODELS, as_solver, interpolates
 from ..errors import InputError
 from .estimators import accepted, is_estimator, solver_from_estimator
@@ -68,14 +68,58 @@ def check_options(*, patch_radius, model, alpha, version, out_dtype):
             f"{spell_value('version', 3)} works with {spell_value('patch_radius', 0)} only "
             f"(as in DIPY); use {spell_value('version', 1)} for larger patches"
         )
-    if out_dtype is not None:
-        try:
-            out_dtype = np.dtype(out_dtype)
-        except TypeError as exc:
-            raise InputError(f"{spell('out_dtype')} {out_dtype!r} is not a NumPy dtype") from exc
-        if not (np.issubdtype(out_dtype, np.number) or out_dtype == np.bool_):
-            raise InputError(f"{spell('out_dtype')} must be numeric; got {out_dtype}")
-    return radius, model, out_dtype
+    return radius, model, check_out_dtype(out_dtype)
+
+
+# what the NIfTI and NIfTI-Zarr writers store (io.meta.DwiMeta.for_values:
+# NIfTI's integer and real float codes; nibabel has none for float16, and
+# longdouble, complex and bool are not voxel values of ours)
+STORED_DTYPES = tuple(np.dtype(t) for t in (
+    "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float32", "float64"))
+
+
+def check_out_dtype(out_dtype, *, stored: bool = False):
+    """The output dtype, or None for the input's.
+
+    Parameters
+    ----------
+    out_dtype : dtype-like or None
+    stored : bool
+        The output is a file: only :data:`STORED_DTYPES`. An array returned
+        by the API may be of any integer or real float type (as DIPY's).
+
+    Returns
+    -------
+    numpy.dtype or None
+        In native byte order when ``stored`` (the writers choose the file's).
+    """
+    if out_dtype is None:
+        return None
+    try:
+        dtype = np.dtype(out_dtype)
+    except (TypeError, ValueError):
+        raise InputError(f"{spell('out_dtype')} {out_dtype!r} is not a NumPy dtype") from None
+    if dtype.kind not in "iuf":
+        raise InputError(f"{spell_value('out_dtype', str(dtype))}: the denoised values are "
+                         "real numbers; use an integer or float type")
+    if not stored:
+        return dtype
+    dtype = dtype.newbyteorder("=")  # the writers store either byte order
+    if dtype not in STORED_DTYPES:
+        names = ", ".join(str(t) for t in STORED_DTYPES)
+        raise InputError(f"{spell_value('out_dtype', str(dtype))} cannot be written to NIfTI "
+                         f"or Zarr; use one of {names}")
+    return dtype
+
+
+def check_data_dtype(dtype) -> None:
+    """The data must hold real numbers: integers or floats (not bool, not
+    complex), as the file readers require (same message)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        raise InputError(f"data type {dtype} is not supported: use an integer or real "
+                         "float type")
 
 
 def check_model(model):
@@ -131,6 +175,21 @@ def check_fit_size(groups, n_fit: int, patch_size: int, model, alpha=1.0, *,
                 f"denoised {g.name} volumes equal the input on those voxels; fit on "
                 f"more voxels, a smaller {spell('patch_radius')} or "
                 f"{spell_value('model', 'ridge')}", UserWarning, stacklevel=stacklevel)
+
+
+def fitting_voxels(mask, shape) -> int:
+    """How many voxels the regressions are fitted on: the mask's, or all."""
+    if mask is None:
+        return int(np.prod(shape[:3]))
+    return int(np.count_nonzero(mask))
+
+
+def check_fit_voxels(groups, mask, shape, radius, model, alpha=1.0, *,
+                     stacklevel: int = 3) -> None:
+    """:func:`check_fit_size` for a run that knows its mask and radius (the
+    file pipeline, once the mask is read): the same warning as the API's."""
+    check_fit_size(groups, fitting_voxels(mask, shape), patch_size(radius), model, alpha,
+                   stacklevel=stacklevel + 1)
 
 
 PRECISIONS = ("auto", "float32", "float64")

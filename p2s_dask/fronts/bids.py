@@ -11,13 +11,15 @@ specification's (entity table, "Derivatives: common data types").
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..errors import InputError
+from ..io.urls import exists, fs_and_path, join, user_errors
+from ..planning.manifest import How, Manifest, Place, Write
+from ..planning.paths import folders_between
 
 # the specification's entity order (those that may appear on DWI files, and
 # desc for derivatives)
@@ -72,11 +74,13 @@ def parse_name(name: str) -> BidsName | None:
 
 @dataclass(frozen=True)
 class DwiRun:
-    """One DWI run of a dataset and where its derivative goes."""
+    """One DWI run of a dataset and where its derivative goes (a path or
+    URL under OUTPUT_DIR, joined as text so that ``s3://`` stays a URL)."""
 
     path: Path
     name: BidsName
-    output: Path
+    output: str
+    folder: str  # the output's folder: OUTPUT_DIR/sub-XX[/ses-YY]/dwi
 
     @property
     def label(self) -> str:
@@ -115,8 +119,8 @@ def find_dwi_runs(bids_dir, output_dir, participants=None, sessions=None) -> lis
             continue
         out_name = name.with_entity("desc", DESC)
         out_name = BidsName(out_name.entities, out_name.suffix, ".nii.gz")
-        rel = path.parent.relative_to(root)
-        runs.append(DwiRun(path, name, Path(output_dir) / rel / str(out_name)))
+        folder = join(str(output_dir), path.parent.relative_to(root).as_posix())
+        runs.append(DwiRun(path, name, join(folder, str(out_name)), folder))
     if want_sub and not any(r.name.get("sub") in want_sub for r in runs):
         raise InputError(f"no DWI runs for --participant-label {' '.join(sorted(want_sub))}")
     return runs
@@ -131,19 +135,45 @@ def dataset_description(bids_dir) -> dict:
             "SourceDatasets": [{"URL": Path(bids_dir).resolve().as_uri()}]}
 
 
-def write_description(output_dir, bids_dir) -> None:
-    """Write (or keep, when ours) the derivative's dataset_description.json."""
-    path = Path(output_dir) / "dataset_description.json"
-    if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
-        names = [g.get("Name") for g in (old or {}).get("GeneratedBy", [])]
-        if "p2s-dask" not in names:
-            raise InputError(f"{path} belongs to another dataset; choose another OUTPUT_DIR")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(dataset_description(bids_dir), indent=2) + "\n")
-    os.replace(tmp, path)
+def description_url(output_dir) -> str:
+    """Where the derivative's ``dataset_description.json`` goes."""
+    return join(str(output_dir), "dataset_description.json")
+
+
+def description_is_ours(output_dir, storage_options=None) -> bool:
+    """Whether OUTPUT_DIR already has a ``dataset_description.json`` of ours
+    (False: it has none).
+
+    Raises
+    ------
+    InputError
+        When it has one of another tool or one that is not JSON.
+    """
+    url = description_url(output_dir)
+    if not exists(url, storage_options):
+        return False
+    fs, path = fs_and_path(url, storage_options)
+    with user_errors(url, "reading"), fs.open(path, "rb") as fh:
+        data = fh.read(1 << 20)
+    try:
+        old = json.loads(data.decode("utf-8"))
+        names = [g.get("Name") for g in old.get("GeneratedBy", [])]
+    except (ValueError, AttributeError, TypeError):
+        names = []
+    if "p2s-dask" not in names:
+        raise InputError(f"{url} belongs to another dataset (not made by p2s-dask); "
+                         "choose another OUTPUT_DIR")
+    return True
+
+
+def bids_manifest(runs, output_dir, *, keep_description: bool) -> Manifest:
+    """What ``bids`` writes besides the runs: OUTPUT_DIR, each run's folders
+    (made when the run starts) and ``dataset_description.json``."""
+    root = str(output_dir).rstrip("/")
+    manifest = folders_between(root, root, flag="OUTPUT_DIR")
+    for r in runs:
+        manifest += folders_between(root, r.folder, flag="OUTPUT_DIR", label=r.output)
+    if not keep_description:
+        manifest += Manifest(writes=(Write("description", Place.of(description_url(root)),
+                                           How.KEEP, flag="OUTPUT_DIR"),))
+    return manifest

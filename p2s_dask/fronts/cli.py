@@ -94,7 +94,13 @@ def _options_args(p, names=None):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line (``p2s-dask: error: ...``, exit code 2)."""
+    """Usage errors as one line (``p2s-dask: error: ...``, exit code 2); no
+    abbreviations: a prefix never silently means another option
+    (``--report`` is not ``--report-json``)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise InputError(message)
@@ -133,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--report-json", default=None, metavar="FILE",
                      help="also write the run's timings and peak memory as JSON "
                           "(default: none)")
+    den.add_argument("--dry-run", action="store_true",
+                     help="print the plan (passes, chunks, memory, modes) and every path "
+                          "the run would read or write, then exit")
     _options_args(den)
 
     bids = sub.add_parser("bids", help="BIDS App: denoise every DWI run of a dataset",
@@ -144,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="LABEL", help="only these subjects (default: all)")
     bids.add_argument("--session-label", "--session_label", nargs="+", default=None,
                       metavar="LABEL", help="only these sessions (default: all)")
+    bids.add_argument("--dry-run", action="store_true",
+                      help="print the plan of every run and every path, then exit")
     _options_args(bids)
 
     demo = sub.add_parser("demo", help="denoise the bundled example data",
@@ -158,17 +169,35 @@ def build_parser() -> argparse.ArgumentParser:
 def _convert(args):
     from ..io import kind_of, nifti_to_zarr
     src, dst = kind_of(args.input), kind_of(args.output)
+    _check_convert_paths(args)
     common = dict(memory_limit=args.memory_limit, overwrite=args.overwrite,
                   storage_options=args.storage_options, tmp_dir=args.tmp_dir,
                   progress=not args.quiet)
-    if src == "nifti" and dst == "zarr":
-        nifti_to_zarr(args.input, args.output, chunks=args.chunks, bvals=args.bvals,
-                      bvecs=args.bvecs, **common)
-    elif src == "zarr" and dst == "nifti":
-        _convert_to_nifti(args, common)
-    else:
-        raise InputError(f"convert goes from NIfTI to Zarr or back; got {src} -> {dst}")
+    with _log_file(args):
+        if src == "nifti" and dst == "zarr":
+            nifti_to_zarr(args.input, args.output, chunks=args.chunks, bvals=args.bvals,
+                          bvecs=args.bvecs, **common)
+        elif src == "zarr" and dst == "nifti":
+            _convert_to_nifti(args, common)
+        else:
+            raise InputError(f"convert goes from NIfTI to Zarr or back; got {src} -> {dst}")
     print(f"p2s-dask: wrote {args.output}")
+
+
+def _check_convert_paths(args):
+    """convert's manifest: IN (with its sidecars and gradient files) read;
+    OUT (with its sidecars, for a NIfTI), --tmp-dir and --log-file written."""
+    from ..planning.checker import check_layout
+    from ..planning.manifest import How, Manifest, Place, Write
+    from ..planning.paths import front_manifest, input_reads, sidecars_of, tmp_manifest
+    reads = input_reads(args.input, bvals=args.bvals, bvecs=args.bvecs)
+    writes = [Write("output", Place.of(args.output), How.CREATE, flag="OUT")]
+    writes += [Write("sidecar", Place.of(u), How.CREATE, flag="OUT's sidecar")
+               for u in sidecars_of(args.output)]
+    manifest = Manifest(tuple(reads), tuple(writes)) + tmp_manifest(args.tmp_dir) \
+        + front_manifest(log_file=args.log_file)
+    # an existing OUT is the converters' to judge (they resume their own work)
+    check_layout(manifest)
 
 
 def _convert_to_nifti(args, common):
@@ -209,45 +238,98 @@ def _expand(paths) -> list:
 
 
 def _denoise(args):
+    opts = _options_of(args)
     if args.out_dir is None:
         if len(args.paths) != 2:
             raise InputError("denoise takes IN OUT, or inputs with --out-dir DIR")
-        return _denoise_one(args, *args.paths)
-    inputs = _expand(args.paths)
+        return _denoise_one(args, opts, *args.paths)
     if args.report_json:
         raise InputError("--report-json is for one run (IN OUT)")
-    pairs = [(p, os.path.join(args.out_dir, os.path.basename(p.rstrip("/"))))
-             for p in inputs]
-    return _run_many(args, pairs)
+    from ..io.urls import join
+    from ..planning.paths import folders_between, front_manifest
+    pairs = [(p, join(args.out_dir, os.path.basename(p.rstrip("/"))))
+             for p in _expand(args.paths)]
+    extra = folders_between(args.out_dir, args.out_dir, flag="--out-dir") \
+        + front_manifest(log_file=args.log_file)
+    return _run_many(args, opts, pairs, extra)
 
 
-def _denoise_one(args, inp, out):
-    from ..run.pipeline import denoise_file
-    report = denoise_file(inp, out, bvals=args.bvals, bvecs=args.bvecs,
-                          options=_options_of(args))
-    if report.resumed:
-        print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
-    print(report.summary_line())
-    if args.report_json:
-        with open(args.report_json, "w") as fh:
-            json.dump(report.as_dict(), fh, indent=1)
+def _denoise_one(args, opts, inp, out):
+    from ..planning.checker import check
+    from ..planning.paths import front_manifest, run_manifest
+    from ..run.pipeline import denoise_file, describe_run, unfinished_work
+    from ..run.targets import put_text
+    manifest = run_manifest(inp, out, opts, bvals=args.bvals, bvecs=args.bvecs) \
+        + front_manifest(report_json=args.report_json, log_file=args.log_file)
+    check(manifest, overwrite=opts.overwrite, ours=unfinished_work(out, opts),
+          storage_options=opts.storage_options)
+    if args.dry_run:
+        return _dry_run(args, opts, [(inp, out)], manifest)
+    with warnings.catch_warnings():
+        # validated once more, with its warnings, by the run itself: here
+        # only so that nothing (not even the log) is written for bad input
+        warnings.simplefilter("ignore")
+        describe_run(inp, out, args.bvals, args.bvecs, opts)
+    with _log_file(args):
+        report = denoise_file(inp, out, bvals=args.bvals, bvecs=args.bvecs, options=opts,
+                              manifest=manifest)
+        if report.resumed:
+            print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
+        print(report.summary_line())
+        for target in manifest.targets("report"):
+            put_text(target, json.dumps(report.as_dict(), indent=1) + "\n",
+                     opts.storage_options)
 
 
-def _run_many(args, pairs, bvals=None, bvecs=None) -> int:
-    from .batch import denoise_many, table
-    outcomes = denoise_many(pairs, _options_of(args), bvals=bvals, bvecs=bvecs)
+def _run_many(args, opts, pairs, extra, before=None) -> int:
+    """A batch: decided and checked as a whole, then run; ``before(manifest)``
+    writes the front's own files once the check passed."""
+    from .batch import denoise_many, plan_batch, table
+    bvals, bvecs = getattr(args, "bvals", None), getattr(args, "bvecs", None)
+    jobs, manifest = plan_batch(pairs, opts, bvals=bvals, bvecs=bvecs, extra=extra)
+    if args.dry_run:
+        return _dry_run(args, opts, [(j.inp, j.out) for j in jobs if j.todo == "run"],
+                        manifest)
+    with _log_file(args):
+        if before is not None:
+            before(manifest)
+        outcomes = denoise_many(jobs, manifest, opts, bvals=bvals, bvecs=bvecs)
     print(table(outcomes))
     return 2 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _bids(args):
-    from .bids import find_dwi_runs, write_description
+    from .bids import bids_manifest, description_is_ours, find_dwi_runs
+    from ..planning.paths import front_manifest
     runs = find_dwi_runs(args.bids_dir, args.output_dir, args.participant_label,
                          args.session_label)
     if not runs:
         raise InputError(f"no DWI runs found in {args.bids_dir}")
-    write_description(args.output_dir, args.bids_dir)
-    return _run_many(args, [(str(r.path), str(r.output)) for r in runs])
+    opts = _options_of(args)
+    keep = description_is_ours(args.output_dir, opts.storage_options)
+    extra = bids_manifest(runs, args.output_dir, keep_description=keep) \
+        + front_manifest(log_file=args.log_file)
+    def describe(manifest):
+        from ..run.targets import make_folders, put_text
+        from .bids import dataset_description
+        make_folders(manifest)
+        for target in manifest.targets("description"):
+            put_text(target, json.dumps(dataset_description(args.bids_dir), indent=2) + "\n",
+                     opts.storage_options)
+
+    return _run_many(args, opts, [(str(r.path), r.output) for r in runs], extra, describe)
+
+
+def _dry_run(args, opts, pairs, manifest) -> int:
+    """``--dry-run``: each run's plan, then the manifest; nothing is written."""
+    from ..run.pipeline import dry_run_lines
+    for inp, out in pairs:
+        for line in dry_run_lines(inp, out, opts, getattr(args, "bvals", None),
+                                  getattr(args, "bvecs", None)):
+            print(line)
+    for line in manifest.lines():
+        print(line)
+    return 0
 
 
 def _demo(args):
@@ -270,27 +352,40 @@ class _LineFormatter(logging.Formatter):
 
 @contextlib.contextmanager
 def _logging(args):
-    """The 'p2s_dask' log to stderr (one line per message) and to --log-file."""
+    """The 'p2s_dask' log to stderr, one line per message."""
     logger = logging.getLogger("p2s_dask")
-    handlers = [logging.StreamHandler(sys.stderr)]
-    handlers[0].setFormatter(_LineFormatter())
-    if getattr(args, "log_file", None):
-        try:
-            handlers.append(logging.FileHandler(args.log_file))
-        except OSError as exc:
-            raise InputError(f"--log-file {args.log_file}: {exc.strerror}") from None
-        handlers[-1].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_LineFormatter())
     old_level = logger.level
     logger.setLevel(getattr(args, "log_level", "WARNING"))
-    for h in handlers:
-        logger.addHandler(h)
+    logger.addHandler(handler)
     try:
         yield
     finally:
-        for h in handlers:
-            logger.removeHandler(h)
-            h.close()
+        logger.removeHandler(handler)
         logger.setLevel(old_level)
+
+
+@contextlib.contextmanager
+def _log_file(args):
+    """Also the log to ``--log-file``: opened only once the manifest that
+    names it was checked (it is never an input, nor another target)."""
+    path = getattr(args, "log_file", None)
+    if not path:
+        yield
+        return
+    logger = logging.getLogger("p2s_dask")
+    try:
+        handler = logging.FileHandler(path)
+    except OSError as exc:
+        raise InputError(f"--log-file {path}: {exc.strerror}") from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
 
 
 def _in_cli_words(exc: InputError) -> str:

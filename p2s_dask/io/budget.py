@@ -21,25 +21,15 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes
 
+# the one parser and default of the budget live with the options; imported
+# here under their old names for the conversions and earlier callers
+from ..config.budget import DEFAULT_MEMORY_LIMIT, parse_memory_limit
+from ..config.options import spell
 from ..errors import InputError
 
 __all__ = ["DEFAULT_MEMORY_LIMIT", "Plan", "plan", "parse_memory_limit"]
-
-DEFAULT_MEMORY_LIMIT = 2 << 30
-_MIN_MEMORY_LIMIT = 1 << 20
-
-
-def parse_memory_limit(memory_limit) -> int:
-    """Bytes, from an int or a string such as ``"512 MiB"``."""
-    try:
-        value = parse_bytes(memory_limit) if isinstance(memory_limit, str) else int(memory_limit)
-    except (ValueError, TypeError):
-        raise InputError(f"memory_limit {memory_limit!r} is not a number of bytes") from None
-    if value < _MIN_MEMORY_LIMIT:
-        raise InputError(f"memory_limit must be at least 1 MiB; got {format_bytes(value)}")
-    return value
 
 
 def normalize_chunks(chunks, shape) -> tuple:
@@ -154,7 +144,7 @@ def plan(shape, itemsize, memory_limit, chunks=None, chunk_itemsize=None) -> Pla
         max_z = slab_budget // plane
         if max_z < 1:
             raise InputError(
-                f"memory_limit {format_bytes(memory_limit)} is too small: one z-plane "
+                f"{spell('memory_limit')} {format_bytes(memory_limit)} is too small: one z-plane "
                 f"of a volume is {format_bytes(plane)}; use at least "
                 f"{format_bytes(5 * plane)}"
             )
@@ -168,16 +158,16 @@ def plan(shape, itemsize, memory_limit, chunks=None, chunk_itemsize=None) -> Pla
         chunks = normalize_chunks(chunks, shape)
         if chunks[2] > max_z:
             raise InputError(
-                f"chunks {chunks}: with memory_limit {format_bytes(memory_limit)} a "
+                f"chunks {chunks}: with {spell('memory_limit')} {format_bytes(memory_limit)} a "
                 f"volume is streamed {max_z} z-planes at a time, fewer than the z chunk; "
-                "use a larger memory_limit or a smaller z chunk"
+                f"use a larger {spell('memory_limit')} or a smaller z chunk"
             )
     chunk_bytes = math.prod(chunks) * n * itemsize
     if chunk_bytes > memory_limit // 3:
         raise InputError(
             f"chunks {chunks} hold {format_bytes(chunk_bytes)} each (all {n} volumes), "
-            f"more than a third of memory_limit {format_bytes(memory_limit)}; use a "
-            "larger memory_limit or smaller chunks"
+            f"more than a third of {spell('memory_limit')} {format_bytes(memory_limit)}; "
+            f"use a larger {spell('memory_limit')} or smaller chunks"
         )
     workers = max(1, min(os.cpu_count() or 1, memory_limit // (3 * chunk_bytes)))
     if volume * n <= slab_budget:

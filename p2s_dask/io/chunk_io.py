@@ -24,7 +24,6 @@ import itertools
 import math
 import mmap
 import os
-import queue
 import sys
 import threading
 import uuid
@@ -40,7 +39,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from ..errors import InputError
+from ..errors import DataError, InputError
+from .background import BackgroundWriter, WriterPool
 from .direct_io import ALIGN, RunWriter
 from .layout import to_c_order, to_f_order
 from .scratch import for_each_block
@@ -65,12 +65,16 @@ class DwiArray:
         As stored: ``(t, z, y, x)`` (``reverse=True``, the NIfTI-Zarr
         layout) or ``(x, y, z, n)`` (our format-1 stores).
     reverse : bool
+    complete : bool, optional
+        The store is one of ours that its writer marked complete, having
+        checked that every stored object was there: a missing one is then
+        damage, not the fill value (see :func:`missing_chunk`).
     """
 
     ndim = 4
 
-    def __init__(self, array, reverse: bool = True):
-        self.zarr, self.reverse = array, bool(reverse)
+    def __init__(self, array, reverse: bool = True, complete: bool = False):
+        self.zarr, self.reverse, self.complete = array, bool(reverse), bool(complete)
 
     def axes(self, t) -> tuple:
         """A per-axis tuple between stored and NIfTI order (its own inverse)."""
@@ -132,6 +136,10 @@ def read_chunks(array, url=None) -> da.Array:
     task into place one after the other. Arrays whose codecs this module
     does not write fall back to :func:`dask.array.from_zarr`.
 
+    A chunk missing from the store reads as the fill value, as the Zarr
+    specification says, unless ``array`` is a :class:`DwiArray` of a store
+    we completed (see :func:`missing_chunk`).
+
     Parameters
     ----------
     array : DwiArray or zarr.Array
@@ -144,14 +152,23 @@ def read_chunks(array, url=None) -> da.Array:
         Chunked as stored, in the axis order of ``array`` (NIfTI order for a
         DwiArray); every block is the stored chunk itself (C-contiguous in
         stored order: Fortran-contiguous for the NIfTI-Zarr layout).
+
+    Raises
+    ------
+    DataError
+        When computed, for a damaged chunk; at once, for a missing one of a
+        store we completed whose codecs Zarr decodes (found by one listing).
     """
     native, view = _native(array)
+    url = _array_url(native) if url is None else os.fspath(url)
     codec = _ChunkCodec.of(native)
     if codec is None:
+        # Zarr reads a missing chunk as the fill value: look for them first
+        require_all_chunks(array, url)
         values = da.from_zarr(native)
         return values.transpose() if view is not None and view.reverse else values
-    reader = _ChunkReader(native, codec, _array_url(native) if url is None else os.fspath(url),
-                          reverse=view is not None and view.reverse)
+    reader = _ChunkReader(native, codec, url, reverse=view is not None and view.reverse,
+                          complete=view is not None and view.complete)
     shape = array.shape
     chunks = da.core.normalize_chunks(array.chunks if view is not None else grid(native), shape)
     return da.map_blocks(
@@ -170,6 +187,87 @@ def _array_url(array) -> str:
         return store.fs.unstrip_protocol(store.path)
     return str(store)
 
+
+
+# ---------------------------------------------------------------------------
+# What a damaged or missing chunk means.
+
+
+def damaged(url, key, why) -> DataError:
+    """The error for a stored chunk that cannot be used: one line naming the
+    store and the chunk, and why (a DataError: the run keeps nothing)."""
+    return DataError(f"reading {url}: chunk {key} is damaged: {why}")
+
+
+_LOST = "it is missing, though it was there when p2s-dask completed the store"
+
+
+def missing_chunk(url, key, complete: bool) -> None:
+    """The rule for a chunk that is not in its store (every reader's).
+
+    In a store we completed (``complete``: its writer checked that every
+    stored object was there before marking it complete, and wrote chunks
+    equal to the fill value too) a missing one was lost since: damage.
+    Elsewhere (another tool's store, or one of ours still being written) a
+    missing chunk is the fill value, as the Zarr specification says: the
+    caller reads it as such.
+
+    Raises
+    ------
+    DataError
+        Naming the store and the chunk, for a store we completed.
+    """
+    if complete:
+        raise damaged(url, key, _LOST)
+
+
+def missing_chunks(array) -> tuple[list, int]:
+    """The stored objects (shards, or chunks) of an array that are absent,
+    from one listing of its store (no object is read).
+
+    Parameters
+    ----------
+    array : DwiArray or zarr.Array
+
+    Returns
+    -------
+    missing : list of str
+        Their store keys, in C order of the grid.
+    total : int
+        How many objects the array has.
+    """
+    native, _ = _native(array)
+    counts = [math.ceil(s / g) for s, g in zip(native.shape, grid(native))]
+    prefix = f"{native.path}/" if native.path else ""
+    listed = sync(_listed_keys(native.store, prefix))
+    expected = (_chunk_key(native.metadata, native.path, c)
+                for c in itertools.product(*(range(n) for n in counts)))
+    return [key for key in expected if key not in listed], math.prod(counts)
+
+
+async def _listed_keys(store, prefix) -> set:
+    # an object being written sits under a temporary name until renamed,
+    # and matches no chunk key
+    return {key async for key in store.list_prefix(prefix)}
+
+
+def require_all_chunks(array, url) -> None:
+    """Apply :func:`missing_chunk` to every chunk of ``array`` at once, from
+    one listing, where no reader of ours sees each chunk (Zarr reads them).
+
+    Raises
+    ------
+    DataError
+        Naming the store and its first missing chunk, for a :class:`DwiArray`
+        of a store we completed.
+    """
+    if not (isinstance(array, DwiArray) and array.complete):
+        return
+    with user_errors(url, "reading"):
+        missing, total = missing_chunks(array)
+    if missing:
+        raise damaged(url, missing[0], f"{_LOST} ({len(missing)} of its {total} chunks "
+                      "are missing)")
 
 
 def _normalized_region(array, region) -> tuple:
@@ -597,13 +695,15 @@ def _get_chunk(store, key):
 
 class _ChunkReader:
     """What a read task needs (plain, picklable): the store, the array's
-    key layout and its :class:`_ChunkCodec`."""
+    key layout, its :class:`_ChunkCodec`, and whether a missing chunk is
+    damage (``complete``: see :func:`missing_chunk`)."""
 
-    def __init__(self, array, codec: _ChunkCodec, url: str, reverse: bool = False):
+    def __init__(self, array, codec: _ChunkCodec, url: str, reverse: bool = False,
+                 complete: bool = False):
         self.array_meta = array.metadata
         self.store, self.path = array.store, array.path
         self.shape, self.codec, self.url = tuple(array.shape), codec, url
-        self.reverse = reverse
+        self.reverse, self.complete = reverse, complete
 
     def key(self, coords) -> str:
         return _chunk_key(self.array_meta, self.path, coords)
@@ -617,13 +717,13 @@ class _ChunkReader:
         with user_errors(self.url, "reading"):
             data = _get_chunk(self.store, self.key(coords))
         if data is None:
+            missing_chunk(self.url, self.key(coords), self.complete)
             return np.full(shape, codec.fill_value, codec.dtype)
         whole = np.empty(codec.chunk_shape, codec.dtype)
         try:
             codec.decode(data, whole)
         except (ValueError, RuntimeError) as exc:
-            raise InputError(f"reading {self.url}: chunk {self.key(coords)} is damaged: "
-                             f"{exc}") from exc
+            raise damaged(self.url, self.key(coords), exc) from exc
         finally:
             if isinstance(data, mmap.mmap):
                 with contextlib.suppress(BufferError):  # else it goes with the object
@@ -645,73 +745,46 @@ def _read_chunk_task(block_info=None, reader: _ChunkReader = None):
 # Chunks written by background threads.
 
 
-class ChunkWriter:
+class ChunkWriter(BackgroundWriter):
     """Stores encoded chunks of one store from background threads.
 
     A prediction task encodes its chunk (CPU work, in its own thread) and
-    hands the bytes over; it goes on computing while a writer thread waits
-    for the storage, then runs ``then`` (e.g. marking the chunk done). The
-    queue is short, so at most ``depth + threads`` encoded chunks wait in
-    memory. Each thread keeps one aligned buffer for direct writes (see
-    :func:`_write_file`), reused from chunk to chunk.
+    hands the bytes over (see :class:`.background.BackgroundWriter`: a
+    short queue, errors raised in the caller). Each thread keeps one aligned
+    buffer for direct writes (see :func:`_write_file`), reused from chunk to
+    chunk.
+
+    Parameters
+    ----------
+    url : str
+        The store, named in error messages.
+    depth, threads : int, optional
     """
 
     def __init__(self, url, depth: int = 1, threads: int = 2):
         self.url = url
-        self.queue = queue.Queue(maxsize=depth)
-        self.error = None
-        self.threads = [threading.Thread(target=self._run, name=f"p2s-chunk-writer-{i}",
-                                         daemon=True) for i in range(threads)]
-        for thread in self.threads:
-            thread.start()
+        self._local = threading.local()
+        super().__init__(depth, threads, name="p2s-chunk-writer")
 
     def submit(self, store, key, data, then=None) -> None:
         """Queue one object (waits while the queue is full); raises the
         error of an earlier write, if any."""
-        if self.error is not None:
-            raise self.error
-        self.queue.put((store, key, data, then))
+        super().submit((store, key, data), then)
 
-    def _run(self):
-        buffer = np.empty(0, np.uint8)
+    def write(self, store, key, data) -> None:
+        with user_errors(self.url, "writing"):
+            _put_chunk(store, key, data, self._scratch)
 
-        def scratch(n):
-            nonlocal buffer
-            if buffer.size < n:
-                buffer = np.empty(0, np.uint8)  # the old one freed first
-                buffer = _aligned(n)
-            return buffer[:n]
-
-        while True:
-            item = self.queue.get()
-            try:
-                if item is None:
-                    return
-                store, key, data, then = item
-                item = None  # the bytes go once written
-                if self.error is None:
-                    with user_errors(self.url, "writing"):
-                        _put_chunk(store, key, data, scratch)
-                    del data
-                    if then is not None:
-                        then()
-            except BaseException as exc:  # reported by submit() and close()
-                self.error = exc
-            finally:
-                self.queue.task_done()
-
-    def close(self) -> None:
-        """Wait for every queued chunk; raise the first error, if any."""
-        for _ in self.threads:
-            self.queue.put(None)
-        for thread in self.threads:
-            thread.join()
-        if self.error is not None:
-            raise self.error
+    def _scratch(self, n: int) -> np.ndarray:
+        """This thread's aligned buffer, at least ``n`` bytes."""
+        buffer = getattr(self._local, "buffer", None)
+        if buffer is None or buffer.size < n:
+            self._local.buffer = buffer = None  # the old one freed first
+            self._local.buffer = buffer = _aligned(n)
+        return buffer[:n]
 
 
-_WRITERS: dict = {}
-_WRITERS_LOCK = threading.Lock()
+_WRITERS = WriterPool()
 
 
 def _on_distributed_worker() -> bool:
@@ -752,23 +825,14 @@ def submit_region(array, region, values, url, then=None) -> None:
     coords, data = codec.encode_region(region, values)
     del values
     key = _chunk_key(array.metadata, array.path, coords)
-    with _WRITERS_LOCK:
-        writer = _WRITERS.get(url)
-        if writer is None:
-            writer = _WRITERS[url] = ChunkWriter(url)
-    writer.submit(array.store, key, data, then)
+    _WRITERS.get(url, lambda: ChunkWriter(url)).submit(array.store, key, data, then)
 
 
 def finish_region_writes(url) -> bool:
     """Wait for this process's background writes to ``url`` (if any) and
     raise the first error. Run on every worker (``client.run``) once all
     tasks are done. Returns whether there was a writer."""
-    with _WRITERS_LOCK:
-        writer = _WRITERS.pop(url, None)
-    if writer is None:
-        return False
-    writer.close()
-    return True
+    return _WRITERS.finish(url)
 
 # ---------------------------------------------------------------------------
 # Runs of volumes read from shards: what writing a NIfTI (volume after
@@ -814,8 +878,15 @@ def _volumes_of_shard(reader: _ChunkReader, coords, v0, v1, out) -> None:
     """Volumes ``v0:v1`` of one shard (grid position ``coords``, stored
     order) decoded into ``out`` (its region of the slab, stored order)."""
     codec, store, key = reader.codec, reader.store, reader.key(coords)
-    size = _shard_size(store, key)
-    tail = np.frombuffer(_get_range(store, key, size - codec.index_bytes, size), np.uint8)
+    try:
+        size = _shard_size(store, key)
+    except FileNotFoundError:
+        missing_chunk(reader.url, key, reader.complete)
+        out[...] = codec.fill_value
+        return
+    # a shard cut shorter than its index is said so by parse_index
+    tail = np.frombuffer(_get_range(store, key, max(0, size - codec.index_bytes), size),
+                         np.uint8)
     rows = codec.parse_index(tail, size)[v0:v1]
     if np.any(rows[:, 0] == _EMPTY):
         raise ValueError("a volume of it was never written")
@@ -843,7 +914,7 @@ def read_volumes(array: DwiArray, v0: int, v1: int, z0: int, z1: int, url: str,
     """
     native = array.zarr
     codec = _ChunkCodec.of(native)
-    reader = _ChunkReader(native, codec, url)
+    reader = _ChunkReader(native, codec, url, complete=array.complete)
     _, cz, cy, cx = codec.chunk_shape
     _, nz, ny, nx = native.shape
     out = np.empty((v1 - v0, z1 - z0, ny, nx), codec.dtype)
@@ -857,9 +928,10 @@ def read_volumes(array: DwiArray, v0: int, v1: int, z0: int, z1: int, url: str,
         try:
             with user_errors(url, "reading"):
                 _volumes_of_shard(reader, (0, k, j, i), v0, v1, view)
+        except InputError:
+            raise  # a storage error, or a missing chunk already said
         except (ValueError, RuntimeError) as exc:
-            raise InputError(f"reading {url}: chunk {reader.key((0, k, j, i))} is damaged: "
-                             f"{exc}") from exc
+            raise damaged(url, reader.key((0, k, j, i)), exc) from exc
         return view.nbytes
 
     for_each_block(shards, read, workers=workers)

@@ -15,7 +15,6 @@ machine's disk (a local cluster), not for remote workers.
 from __future__ import annotations
 
 import os
-import queue
 import threading
 
 import dask.array as da
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..errors import DataError, InputError
 from ..core.layout import volume_columns
+from .background import BackgroundWriter, WriterPool
 from .direct_io import RunWriter, aligned_block, preallocate, start_writeback
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader
@@ -246,49 +246,38 @@ def write_block(path, meta: DwiMeta, region, values, writer: RunWriter) -> None:
         writer.write(columns[:, k], offset)
 
 
-class BlockWriter:
+class BlockWriter(BackgroundWriter):
     """Writes blocks into one file from background threads.
 
     Prediction tasks hand their block over and go on computing while the
-    writers wait for the disk; ``then`` (e.g. marking the chunk done) runs
-    after the block is written. The queue is short, so at most a few blocks
-    wait in memory. Several threads keep several direct writes in flight
-    (one at a time leaves the disk idle between them).
+    writers wait for the disk (see :class:`.background.BackgroundWriter`: a
+    short queue, errors raised in the caller). Several threads keep several
+    direct writes in flight; closing makes the file durable.
+
+    Parameters
+    ----------
+    path : str
+        A file made by :func:`create_nifti`.
+    meta : DwiMeta
+        Its header meta.
+    depth, threads : int, optional
     """
 
     def __init__(self, path, meta: DwiMeta, depth: int = 2, threads: int = 4):
         self.path, self.meta = path, meta
         self.runs = None  # opened by the first block (errors go to close())
         self.lock = threading.Lock()
-        self.queue = queue.Queue(maxsize=depth)
-        self.error = None
-        self.threads = [threading.Thread(target=self._run, name=f"p2s-block-writer-{i}",
-                                         daemon=True) for i in range(threads)]
-        for thread in self.threads:
-            thread.start()
+        super().__init__(depth, threads, name="p2s-block-writer")
 
     def submit(self, region, values, then=None) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((region, values, then))
+        """Queue one block (waits while the queue is full); raises the
+        error of an earlier write, if any."""
+        super().submit((region, values), then)
 
-    def _run(self):
-        while True:
-            item = self.queue.get()
-            try:
-                if item is None:
-                    return
-                region, values, then = item
-                if self.error is None:
-                    writer = self._writer()
-                    write_block(self.path, self.meta, region, values, writer)
-                    start_writeback(writer.fd)
-                    if then is not None:
-                        then()
-            except BaseException as exc:  # reported by close()
-                self.error = exc
-            finally:
-                self.queue.task_done()
+    def write(self, region, values) -> None:
+        writer = self._writer()
+        write_block(self.path, self.meta, region, values, writer)
+        start_writeback(writer.fd)
 
     def _writer(self) -> RunWriter:
         with self.lock:
@@ -296,29 +285,18 @@ class BlockWriter:
                 self.runs = RunWriter(self.path)
             return self.runs
 
-    def close(self) -> None:
-        """Wait for the queued blocks, make the file durable, raise any error."""
-        for _ in self.threads:
-            self.queue.put(None)
-        for thread in self.threads:
-            thread.join()
+    def finish(self, ok: bool) -> None:
+        """Close the file, durable (fsync) unless a write failed."""
         if self.runs is not None:
-            self.runs.close(sync=self.error is None)
-        if self.error is not None:
-            raise self.error
+            self.runs.close(sync=ok)
 
 
-_WRITERS: dict = {}
-_WRITERS_LOCK = threading.Lock()
+_WRITERS = WriterPool()
 
 
 def submit_block(path, meta: DwiMeta, region, values, then=None) -> None:
     """Queue a block for this process's background writer of ``path``."""
-    with _WRITERS_LOCK:
-        writer = _WRITERS.get(path)
-        if writer is None:
-            writer = _WRITERS[path] = BlockWriter(path, meta)
-    writer.submit(region, values, then)
+    _WRITERS.get(path, lambda: BlockWriter(path, meta)).submit(region, values, then)
 
 
 def finish_writes(path) -> bool:
@@ -326,9 +304,4 @@ def finish_writes(path) -> bool:
 
     Run on every worker (``client.run``) once all tasks are done.
     """
-    with _WRITERS_LOCK:
-        writer = _WRITERS.pop(path, None)
-    if writer is None:
-        return False
-    writer.close()
-    return True
+    return _WRITERS.finish(path)

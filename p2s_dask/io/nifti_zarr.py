@@ -32,7 +32,7 @@ from .meta import DwiMeta
 from .nifti_stream import NiftiReader, NiftiWriter
 from .scratch import BlockScratch, for_each_block
 from .urls import exists, is_local, kind_of, local_path, user_errors
-from .chunk_io import ShardAppender, read_volumes, reads_volumes
+from .chunk_io import ShardAppender, read_volumes, reads_volumes, require_all_chunks
 from .zarr_store import (
     OutputExistsError,
     compressor_for,
@@ -301,7 +301,7 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
         raise OutputExistsError(f"{os.fspath(dst)} already exists")
     if is_local(dst) and not os.path.isdir(os.path.dirname(local_path(dst))):
         raise InputError(f"writing {os.fspath(dst)}: the folder does not exist")
-    store, meta = open_dwi_array(src, storage_options)
+    store, meta = _open_source(src, storage_options)
     the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, store.chunks[:3])
     passes = math.ceil(meta.shape[3] / the_plan.volumes_per_slab) * math.ceil(
         meta.shape[2] / the_plan.planes_per_slab)
@@ -324,6 +324,16 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
                     _slabs_into(scratch.read_slab, writer, meta, the_plan, bar)
         writer.commit()
     trim()
+
+
+def _open_source(src, storage_options):
+    """The store's array and meta. A store that Zarr will read (not
+    :func:`.chunk_io.read_volumes`) is checked for missing chunks first:
+    Zarr would take one for the fill value, where the rule may say damage."""
+    store, meta = open_dwi_array(src, storage_options)
+    if not reads_volumes(store):
+        require_all_chunks(store, os.fspath(src))
+    return store, meta
 
 
 def _volume_reader(store, url, the_plan):

@@ -25,6 +25,10 @@ Shards equal to the fill value are written too (Zarr's
 module hands out). Otherwise an all-zero block (a masked or empty region)
 would be indistinguishable from one lost to a failed or interrupted write,
 and "every shard exists" could not tell a complete store from a broken one.
+So in a complete store of ours a missing shard is damage: reading it stops
+with a DataError naming the store and the shard (:func:`.chunk_io.missing_chunk`).
+In any other tool's store a missing chunk is the fill value, as the Zarr
+specification says, and one warning says how many there are.
 
 Stores of our format 1 (array ``dwi``, axes (x, y, z, n), attributes on the
 group) are still read, for one release. Any other OME-Zarr / NIfTI-Zarr 4D
@@ -36,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
+import logging
 import os
 import time
 import warnings
@@ -59,12 +63,15 @@ from .chunk_io import (  # noqa: F401 - re-exported: the store's chunk I/O
     DwiArray,
     _array_url,
     finish_region_writes,
+    missing_chunks,
     read_chunks,
     submit_region,
     write_region,
 )
 from .meta import DwiMeta, header_class
 from .urls import exists, fs_and_path, is_local, local_path, remove, user_errors
+
+logger = logging.getLogger("p2s_dask")
 
 __all__ = [
     "ARRAY_NAME",
@@ -356,10 +363,13 @@ def _dwi_array(url, storage_options, kind, attrs, group, mode):
             return None, meta
     if not isinstance(array, zarr.Array):
         return None, meta
-    view = DwiArray(array.with_config(ARRAY_CONFIG), reverse=not legacy)
+    # the setting is not stored with the array: every opener must ask for it.
+    # A complete store of format 2 had every shard checked when completed:
+    # a missing one is damage (format 1 stores are read as they always were)
+    view = DwiArray(array.with_config(ARRAY_CONFIG), reverse=not legacy,
+                    complete=kind == "ours" and attrs.get("complete") is True)
     if view.shape != tuple(meta.shape):
         return None, meta
-    # the setting is not stored with the array: every opener must ask for it
     return view, meta
 
 
@@ -425,24 +435,34 @@ def open_dwi(url, storage_options=None, require_complete=True):
         bit, so results match DIPY's on the same file. Otherwise the raw
         values in their stored dtype.
     meta : DwiMeta
+
+    Raises
+    ------
+    DataError
+        When computed, for a damaged chunk, or a missing one in a store we
+        completed. In another tool's store a missing chunk is the fill value
+        (the Zarr specification), and one warning says how many are.
     """
     _require_present(url, storage_options)
     kind, _, group = _inspect(url, storage_options)
     if kind == "foreign":
-        raw, meta = _foreign_image(url, group)
+        raw, meta = _foreign_image(url, group, count_missing=True)
         return meta.apply_scaling(raw), meta
     array, meta = open_dwi_array(url, storage_options, require_complete)
     return meta.apply_scaling(read_chunks(array, url)), meta
 
 
-def _foreign_image(url, group):
-    """``(raw dask array in NIfTI order, meta)`` of another tool's image."""
+def _foreign_image(url, group, count_missing=False):
+    """``(raw dask array in NIfTI order, meta)`` of another tool's image;
+    ``count_missing``: warn of the chunks it lacks (read as the fill value)."""
     path, names = ome.image_axes(dict(group.attrs), os.fspath(url))
     with user_errors(url, "reading"):
         try:
             array = group[path]
         except KeyError:
             raise InputError(f"{os.fspath(url)}: its image array '{path}' is missing") from None
+    if count_missing:
+        _warn_missing(url, array)
     perm, drop = ome.to_nifti_axes(names, array.shape, os.fspath(url))
     raw = da.from_zarr(array)
     if drop:
@@ -450,6 +470,19 @@ def _foreign_image(url, group):
     raw = raw.transpose(perm)
     meta = _foreign_meta(url, group, raw, names)
     return raw, meta
+
+
+def _warn_missing(url, array) -> None:
+    """One warning saying how many chunks another tool's image lacks (from
+    one listing of its store; one that cannot be listed is not counted)."""
+    if not getattr(array.store, "supports_listing", False):
+        return
+    with user_errors(url, "reading"):
+        missing, total = missing_chunks(array)
+    if missing:
+        logger.warning("%s: %d of its %d chunks are missing; read as the fill value %s, as "
+                       "the Zarr specification says", os.fspath(url), len(missing), total,
+                       array.metadata.fill_value)
 
 
 def _foreign_meta(url, group, raw, names):
@@ -527,18 +560,6 @@ def store_state(url, storage_options=None) -> str:
     return "complete"
 
 
-def _shard_count(array: DwiArray) -> int:
-    return math.prod(math.ceil(s / g) for s, g in zip(array.shape, array.chunks))
-
-
-async def _count_objects(store, prefix) -> int:
-    count = 0
-    async for key in store.list_prefix(prefix):
-        # a chunk being written sits under a temporary name until renamed
-        count += not key.endswith(".partial")
-    return count
-
-
 def verify_all_chunks(url_or_array, storage_options=None) -> None:
     """Check that every shard (chunk, for format 1) of a store exists.
 
@@ -564,14 +585,11 @@ def verify_all_chunks(url_or_array, storage_options=None) -> None:
     else:
         url = os.fspath(url_or_array)
         array, _ = open_dwi_array(url, storage_options, require_complete=False)
-    native = array.zarr
-    prefix = f"{native.path}/c/" if native.path else "c/"
     with user_errors(url, "reading"):
         # one fresh listing of the array's objects
-        written = sync(_count_objects(native.store, prefix))
-    total = _shard_count(array)
-    if written < total:
-        raise InputError(f"{url} is incomplete: {total - written} of its {total} chunks "
+        missing, total = missing_chunks(array)
+    if missing:
+        raise InputError(f"{url} is incomplete: {len(missing)} of its {total} chunks "
                          "were not written")
 
 

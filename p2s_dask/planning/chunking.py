@@ -52,18 +52,26 @@ def scatter_bytes(shape, radius) -> int:
     return 8 * features * features
 
 
-def lag_working_bytes(shape, radius) -> int:
+def lag_working_bytes(shape, radius, halo_voxels=None) -> int:
     """Bytes of the float64 working copy of a lane's lag products, for
-    blocks of whole xy-planes (the chunk policy's)."""
+    blocks of whole xy-planes (the chunk policy's); never more than the
+    whole block's copy when its voxels (with the halo) are known."""
     nx, ny, _, n = (int(s) for s in shape)
     rx, ry, rz = (int(r) for r in radius)
     plane = (nx + 2 * rx) * (ny + 2 * ry) * (n + 1) * 8
-    return max(LAG_SLAB_BYTES, (1 + 2 * rz) * plane)
+    slab = max(LAG_SLAB_BYTES, (1 + 2 * rz) * plane)
+    if halo_voxels is None:
+        return slab
+    # a block smaller than the slab is copied whole (with a volume of ones)
+    return min(slab, int(halo_voxels) * (n + 1) * 8)
 
 
-def lane_bytes(shape, radius) -> int:
-    """What one lane of patch statistics holds besides its blocks."""
-    return scatter_bytes(shape, radius) + LANE_WORKING_COPIES * lag_working_bytes(shape, radius)
+def lane_bytes(shape, radius, halo_voxels=None) -> int:
+    """What one lane of patch statistics holds besides its blocks (for
+    blocks of ``halo_voxels`` voxels with their halo, when known: the plan's
+    estimate; the chunk policy, which picks the blocks, counts the most)."""
+    return scatter_bytes(shape, radius) \
+        + LANE_WORKING_COPIES * lag_working_bytes(shape, radius, halo_voxels)
 
 
 def patch_lanes(shape, radius, memory_per_worker: int, threads_per_worker: int,
@@ -109,7 +117,8 @@ def block_bytes(memory_per_worker: int, threads_per_worker: int) -> int:
 
 
 def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
-                       threads_per_worker: int, radius, lanes_apart: bool = False) -> int:
+                       threads_per_worker: int, radius, lanes_apart: bool = False,
+                       lanes: int | None = None) -> int:
     """The fewest voxels per block worth a patch's halo: :data:`PATCH_PLANES`
     z-planes per unit of the z radius, as long as a thread's blocks fit its
     share of what the lanes leave while summing statistics, and of the
@@ -124,6 +133,8 @@ def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
     radius : tuple of 3 ints
     lanes_apart : bool, optional
         As :func:`chunk_policy`.
+    lanes : int, optional
+        As :func:`chunk_policy`.
 
     Returns
     -------
@@ -137,7 +148,8 @@ def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
     if lanes_apart:
         share = memory // (PATCH_BLOCKS_PER_THREAD * threads)
     else:
-        lanes = patch_lanes(shape, radius, memory, threads)
+        if lanes is None:
+            lanes = patch_lanes(shape, radius, memory, threads)
         work = max(0, memory - PROCESS_BYTES)
         summing = max(0, work - lanes * lane_bytes(shape, radius))
         # the threads without a lane only read while summing
@@ -148,7 +160,8 @@ def patch_block_voxels(shape, itemsize: int, memory_per_worker: int,
 
 
 def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worker: int,
-                 radius=(0, 0, 0), lanes_apart: bool = False) -> tuple[int, int, int]:
+                 radius=(0, 0, 0), lanes_apart: bool = False,
+                 lanes: int | None = None) -> tuple[int, int, int]:
     """Spatial chunk shape ``(cx, cy, cz)`` for blocks holding all volumes.
 
     Splits z first, then y, then x: whole xy-planes keep a NIfTI's
@@ -172,6 +185,9 @@ def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worke
         The lanes of patch statistics have memory of their own (the
         in-memory API's); by default they come out of ``memory_per_worker``
         and the blocks get what they leave.
+    lanes : int, optional
+        The lanes of one worker when the caller has decided them (a plan
+        computes them once, :func:`patch_lanes`); by default computed here.
 
     Returns
     -------
@@ -181,7 +197,7 @@ def chunk_policy(shape, itemsize: int, memory_per_worker: int, threads_per_worke
     if int(radius[2]) > 0:
         # the patch rule alone: the budget left beside the lanes
         voxels = max(1, patch_block_voxels(shape, itemsize, memory_per_worker,
-                                           threads_per_worker, radius, lanes_apart))
+                                           threads_per_worker, radius, lanes_apart, lanes))
     else:
         target = block_bytes(memory_per_worker, threads_per_worker)
         voxels = max(1, target // (n * int(itemsize)))

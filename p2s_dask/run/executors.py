@@ -3,13 +3,17 @@ process, a ``LocalCluster`` of worker processes started for the run, or the
 user's ``distributed`` cluster.
 
 Every executor answers the same few calls (:meth:`Executor.compute`,
-:meth:`Executor.run`, :meth:`Executor.require_shared_files`) and says how much
-memory and how many threads one worker has, so that the plan chooses chunks
-that fit every worker. :func:`open_executor` picks one from the options and the
-environment and closes whatever it opened. Everything a user can get wrong
-(an address, a scheduler file, a count, a scheduler that does not answer) ends
-in an :class:`~p2s_dask.errors.InputError` with one line naming the flag or
-variable it came from.
+:meth:`Executor.stream`, :meth:`Executor.blocks_of`, :meth:`Executor.run`,
+:meth:`Executor.require_shared_files`) and says how much memory and how many
+threads one worker has, so that the plan chooses chunks that fit every worker.
+File runs and the in-memory API run on the same executors:
+:func:`open_executor` picks one for a file run from the options and the
+environment and closes whatever it opened; :func:`current_executor` is the
+scheduler ``dask.compute`` would use now, for the API. Both find a user's
+``distributed.Client`` with :func:`active_client`, the one place that looks.
+Everything a user can get wrong (an address, a scheduler file, a count, a
+scheduler that does not answer) ends in an :class:`~p2s_dask.errors.InputError`
+with one line naming the flag or variable it came from.
 """
 
 from __future__ import annotations
@@ -18,19 +22,24 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
+import uuid
 
+from ..config.budget import DEFAULT_MEMORY_LIMIT  # the one default of every front
 from ..errors import InputError
 
 SCHEDULER_ENV = "P2S_DASK_SCHEDULER"
 DASK_SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
-DEFAULT_MEMORY_LIMIT = 2 << 30
 
 # the protocols of distributed's comm registry that take HOST:PORT
 _HOST_PORT_PROTOCOLS = ("tcp", "tls", "ws", "wss", "ucx")
 # a host name or IPv4 address, or an IPv6 address in brackets
 _HOST = re.compile(r"[A-Za-z0-9_.-]+|\[[0-9A-Fa-f:.%A-Za-z]+\]")
+# Dask's local schedulers whose tasks run in this process's threads
+_IN_PROCESS_SCHEDULERS = ("threads", "threading", "sync", "synchronous", "single-threaded")
 
 
 def _cpu_count() -> int:
@@ -209,6 +218,26 @@ class Executor:
         """
         raise NotImplementedError
 
+    def stream(self, tasks, place) -> None:
+        """Compute ``tasks`` (a list of Delayed) and call ``place(i, result)``
+        in this process as each task ends, in any order, once per task.
+
+        ``place`` keeps what it needs and may drop the rest (e.g. writes the
+        values into an array of this process and clears them): results are
+        not held until the last task ends, so a pass over many pieces holds a
+        few at a time.
+        """
+        raise NotImplementedError
+
+    def blocks_of(self, data, chunks, order: str = "C"):
+        """A context of the blocks of the NumPy array ``data`` for tasks.
+
+        Returns a context manager that yields a :class:`LocalBlocks` or
+        :class:`ScatteredBlocks` cut by ``chunks`` (4 tuples), each block a
+        contiguous array in ``order``, and releases what it holds on exit.
+        """
+        raise NotImplementedError
+
     def run(self, fn, *args, **kwargs) -> dict:
         """``fn(*args, **kwargs)`` on every worker, results by worker."""
         raise NotImplementedError
@@ -234,15 +263,20 @@ class ThreadsExecutor(Executor):
         Default: the CPUs this process may use (``dask.system.CPU_COUNT``).
     memory_limit : int
         The run's budget, all of it for this one worker.
+    scheduler : str or callable, optional
+        The local scheduler: Dask's threads by default; the in-memory API
+        passes the one ``dask.config`` names (see :func:`current_executor`).
     """
 
-    def __init__(self, threads: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT):
+    def __init__(self, threads: int | None = None, memory_limit: int = DEFAULT_MEMORY_LIMIT,
+                 scheduler="threads"):
         threads = _check_count(threads, "--threads")
         self.threads_per_worker = threads or _cpu_count()
         self.memory_per_worker = _check_memory(memory_limit)
         self.n_workers = 1
         self.is_local = True
-        self.in_process = True
+        self.scheduler = scheduler
+        self.in_process = scheduler in _IN_PROCESS_SCHEDULERS
 
     def compute(self, collection, desc: str = "", progress: bool = False,
                 threads: int | None = None):
@@ -261,13 +295,53 @@ class ThreadsExecutor(Executor):
         import dask
         from dask.diagnostics import ProgressBar
 
-        workers = min(self.threads_per_worker, threads or self.threads_per_worker)
         with _stage(desc, progress) as tty:
             bar = ProgressBar(width=40, out=sys.stderr) if tty else contextlib.nullcontext()
             with bar:
-                (result,) = dask.compute(collection, scheduler="threads",
-                                         num_workers=workers)
+                (result,) = dask.compute(collection, **self._kwargs(threads))
         return result
+
+    def _kwargs(self, threads=None) -> dict:
+        """``dask.compute``'s scheduler and, for a named one, its threads."""
+        kwargs = {"scheduler": self.scheduler}
+        # Dask's named schedulers take a thread count (the synchronous one
+        # drops it); a callable or pool of the user's has its own
+        if isinstance(self.scheduler, str):
+            kwargs["num_workers"] = min(self.threads_per_worker,
+                                        threads or self.threads_per_worker)
+        return kwargs
+
+    def stream(self, tasks, place) -> None:
+        """Compute ``tasks`` and ``place(i, result)`` each as it ends.
+
+        Dask's local schedulers keep every requested result until the end: a
+        callback hands each result to ``place`` as its task finishes (in
+        this process), so ``place`` can drop its values at once. A scheduler
+        that runs no callbacks gets its results placed at the end.
+        """
+        import dask
+        from dask.callbacks import Callback
+
+        order = {t.key: i for i, t in enumerate(tasks)}
+        placed = set()
+
+        def posttask(key, result, dsk, state, worker_id):
+            i = order.get(key)
+            if i is not None and i not in placed:
+                placed.add(i)
+                place(i, result)
+
+        with Callback(posttask=posttask):
+            results = dask.compute(*tasks, **self._kwargs())
+        for i, result in enumerate(results):
+            if i not in placed:
+                placed.add(i)
+                place(i, result)
+
+    @contextlib.contextmanager
+    def blocks_of(self, data, chunks, order: str = "C"):
+        """:class:`LocalBlocks` of ``data``: tasks cut their block from it."""
+        yield LocalBlocks(data, order)
 
     def run(self, fn, *args, **kwargs) -> dict:
         """``fn(*args, **kwargs)`` once, here: ``{"local": result}``."""
@@ -337,6 +411,33 @@ class DistributedExecutor(Executor):
                 self.client.cancel(futures)
             raise
 
+    def stream(self, tasks, place) -> None:
+        """Compute ``tasks`` on the cluster and ``place(i, result)`` each as
+        it completes, releasing it on the cluster then."""
+        from distributed import as_completed
+
+        futures = self.client.compute(list(tasks))
+        order = {f.key: i for i, f in enumerate(futures)}
+        try:
+            for future in as_completed(futures):
+                place(order[future.key], future.result())
+                future.release()
+        except BaseException:
+            # as compute(): the cluster stops working for us now
+            with contextlib.suppress(Exception):
+                self.client.cancel(futures)
+            raise
+
+    @contextlib.contextmanager
+    def blocks_of(self, data, chunks, order: str = "C"):
+        """:class:`ScatteredBlocks` of ``data``, released from the cluster
+        on exit."""
+        blocks = ScatteredBlocks(self.client, data, chunks, order)
+        try:
+            yield blocks
+        finally:
+            blocks.release()
+
     def run(self, fn, *args, **kwargs) -> dict:
         """``fn(*args, **kwargs)`` on every worker, results by worker address."""
         return self.client.run(fn, *args, **kwargs)
@@ -377,6 +478,175 @@ def _scheduler_info(client) -> dict:
     if "n_workers" in inspect.signature(client.scheduler_info).parameters:
         return client.scheduler_info(n_workers=-1)
     return client.scheduler_info()
+
+
+# -- the scheduler dask.compute would use -------------------------------------
+
+def active_client():
+    """The ``distributed.Client`` that ``dask.compute`` would use now, or None.
+
+    The one place where p2s-dask looks for a user's Client (the API and file
+    runs both ask here): a Client made current (``with Client(...)``,
+    ``as_current``) or the default one (the last created), unless
+    ``dask.config``'s ``scheduler`` names a local scheduler, which wins, as
+    in ``dask.compute``.
+
+    Returns
+    -------
+    distributed.Client or None
+    """
+    import dask
+
+    get = dask.base.get_scheduler()
+    # a Client is Dask's scheduler as its bound `get`
+    client = getattr(get, "__self__", None)
+    if client is None:
+        return None
+    from distributed import Client
+
+    return client if isinstance(client, Client) else None
+
+
+def _on_this_machine(client) -> bool:
+    """Whether a Client's workers are a LocalCluster's (they see our files)."""
+    from distributed import LocalCluster
+
+    return isinstance(getattr(client, "cluster", None), LocalCluster)
+
+
+def current_executor(memory_limit: int = DEFAULT_MEMORY_LIMIT) -> Executor:
+    """The executor of the scheduler ``dask.compute`` would use now.
+
+    The active Client's cluster (:func:`active_client`), else Dask's local
+    scheduler that ``dask.config`` names (``scheduler``, ``num_workers``),
+    else threads on every usable core. Nothing is started, so nothing needs
+    closing: the in-memory API runs where the user's other Dask work runs.
+
+    Parameters
+    ----------
+    memory_limit : int
+        The budget of a worker that reports no memory limit (all of it for
+        the local scheduler).
+
+    Returns
+    -------
+    Executor
+    """
+    import dask
+
+    client = active_client()
+    if client is not None:
+        return DistributedExecutor(client, memory_limit=memory_limit,
+                                   is_local=_on_this_machine(client))
+    count = dask.config.get("num_workers", None)
+    threads = count if isinstance(count, int) and not isinstance(count, bool) \
+        and count > 0 else None
+    return ThreadsExecutor(threads, memory_limit,
+                           scheduler=dask.config.get("scheduler", None) or "threads")
+
+
+# -- the blocks of an in-memory array -------------------------------------------
+
+def contiguous(view, order: str):
+    """``view`` as a contiguous array in ``order`` (itself when it is one)."""
+    import numpy as np
+
+    return np.require(view, requirements=order)
+
+
+def _sub_block(parent, index, order: str):
+    """A piece of a (scattered) block, cut where the block is."""
+    return contiguous(parent[index], order)
+
+
+def chunk_grid(chunks):
+    """``(block index, 4D slices)`` of every chunk, in C order."""
+    import numpy as np
+    from dask.array.core import slices_from_chunks
+
+    return zip(np.ndindex(*[len(c) for c in chunks]), slices_from_chunks(chunks))
+
+
+def _task_array(tasks: dict, chunks, dtype):
+    """A dask array from ``{block index: task or value}``."""
+    import dask.array as da
+
+    name = f"p2s-block-{uuid.uuid4().hex}"
+    return da.Array({(name,) + idx: t for idx, t in tasks.items()}, name, chunks,
+                    dtype=dtype)
+
+
+class LocalBlocks:
+    """Blocks of an array of this process for Dask's local schedulers: each
+    task cuts its own block from the array (a copy only when the cut is
+    strided), so nothing is copied ahead of the work.
+
+    Parameters
+    ----------
+    data : ndarray
+    order : {'C', 'F'}
+        The layout every block is given.
+    """
+
+    def __init__(self, data, order: str):
+        self.data, self.order = data, order
+
+    def array(self, chunks):
+        """A dask array of ``data`` cut by ``chunks``, blocks in ``order``."""
+        tasks = {idx: (contiguous, self.data[slc], self.order)
+                 for idx, slc in chunk_grid(chunks)}
+        return _task_array(tasks, chunks, self.data.dtype)
+
+
+class ScatteredBlocks:
+    """Blocks of an array of this process, scattered once to a cluster.
+
+    Each block of ``chunks`` is sent to one worker (one at a time: the client
+    holds at most one block's copy); every pass uses them, each task gets only
+    its own block, and smaller pieces are cut on the worker holding their
+    block.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    data : ndarray
+    chunks : tuple of 4 tuples
+        The blocks scattered; :meth:`array` takes these or finer chunks that
+        nest in them.
+    order : {'C', 'F'}
+        The layout every block and piece is given.
+    """
+
+    def __init__(self, client, data, chunks, order: str):
+        self.client, self.order, self.chunks = client, order, chunks
+        self.dtype = data.dtype
+        self.blocks = {idx: client.scatter(contiguous(data[slc], order), hash=False)
+                       for idx, slc in chunk_grid(chunks)}
+
+    def array(self, chunks):
+        """A dask array of the scattered blocks, or of pieces of them."""
+        import numpy as np
+
+        if chunks == self.chunks:
+            return _task_array(dict(self.blocks), chunks, self.dtype)
+        ends = [np.cumsum(c) for c in self.chunks[:3]]
+        tasks = {}
+        for idx, slc in chunk_grid(chunks):
+            parent, local = [], []
+            for a in range(3):
+                j = int(np.searchsorted(ends[a], slc[a].start, side="right"))
+                start = int(ends[a][j] - self.chunks[a][j])
+                parent.append(j)
+                local.append(slice(slc[a].start - start, slc[a].stop - start))
+            tasks[idx] = (_sub_block, self.blocks[tuple(parent) + (0,)], tuple(local),
+                          self.order)
+        return _task_array(tasks, chunks, self.dtype)
+
+    def release(self) -> None:
+        """Drop the blocks from the cluster."""
+        with contextlib.suppress(Exception):  # a cluster already gone holds nothing
+            self.client.cancel(list(self.blocks.values()))
+        self.blocks = {}
 
 
 # -- progress -----------------------------------------------------------------
@@ -451,18 +721,10 @@ def _check_count(value, flag: str) -> int | None:
 
 
 def _check_memory(memory_limit) -> int:
-    """Bytes from an int or a string such as ``"2GiB"``; positive."""
-    from dask.utils import parse_bytes
-
-    try:
-        value = parse_bytes(memory_limit) if isinstance(memory_limit, str) \
-            else int(memory_limit)
-    except (TypeError, ValueError):
-        raise InputError(f"--memory-limit must be a number of bytes; got {memory_limit!r}") \
-            from None
-    if value < 1:
-        raise InputError(f"--memory-limit must be positive; got {memory_limit!r}")
-    return value
+    """Bytes from an int or a string such as ``"2GiB"``: the options' parser
+    (:func:`p2s_dask.config.budget.parse_memory_limit`), one message for all."""
+    from ..config.budget import parse_memory_limit
+    return parse_memory_limit(memory_limit)
 
 
 def _unreachable(address: str, source: str, reason) -> str:
@@ -571,11 +833,43 @@ def _connect(address: str, source: str, timeout: float, worker_timeout: float):
 
 
 @contextlib.contextmanager
+def _children_ignore_ctrl_c():
+    """Processes started in this block ignore SIGINT.
+
+    A Ctrl-C at a terminal goes to the whole foreground process group: the
+    LocalCluster's worker processes would each die of it, printing their
+    KeyboardInterrupt's traceback and their lost heartbeats' errors, while
+    this process stops the run and closes the cluster in order anyway. A
+    process started while SIGINT is ignored keeps ignoring it (Python leaves
+    an inherited SIG_IGN alone), so the workers are started so. A Ctrl-C in
+    these seconds of start-up is lost; one later stops the run.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread sets handlers; and it gets the Ctrl-C
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def _local_cluster(n_workers: int, n_threads: int):
     """A Client of a LocalCluster of worker processes on this machine."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    with LocalCluster(
+    with _children_ignore_ctrl_c():
+        cluster = _start_local_cluster(n_workers, n_threads)
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def _start_local_cluster(n_workers: int, n_threads: int):
+    """A started LocalCluster of a run's local worker processes."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
         n_workers=n_workers, threads_per_worker=n_threads, processes=True,
         # The budget is kept by the chunk sizes p2s-dask chooses. Dask's own
         # memory manager measures the whole process (interpreter and libraries
@@ -589,8 +883,7 @@ def _local_cluster(n_workers: int, n_threads: int):
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
         # worker processes talk over loopback only
         host="127.0.0.1",
-    ) as cluster, Client(cluster) as client:
-        yield client
+    )
 
 
 @contextlib.contextmanager
@@ -600,8 +893,10 @@ def open_executor(*, scheduler=None, scheduler_file=None, workers=None, threads=
     """The executor of a run, closed (with all it started) afterwards.
 
     An existing cluster when :func:`resolve_scheduler` finds one; else, with
-    ``workers`` None or 1, a :class:`ThreadsExecutor`; else a LocalCluster of
-    ``workers`` processes on 127.0.0.1 sharing ``memory_limit``.
+    ``workers`` None, the active Client's (:func:`active_client`) if there is
+    one; else, with ``workers`` None or 1, a :class:`ThreadsExecutor`; else a
+    LocalCluster of ``workers`` processes on 127.0.0.1 sharing
+    ``memory_limit``.
 
     Parameters
     ----------
@@ -639,6 +934,11 @@ def open_executor(*, scheduler=None, scheduler_file=None, workers=None, threads=
             yield DistributedExecutor(client, memory_limit=budget)
         finally:
             client.close()
+        return
+    client = active_client() if workers is None else None
+    if client is not None:  # the user's (not closed here), as the API uses it
+        yield DistributedExecutor(client, memory_limit=budget,
+                                  is_local=_on_this_machine(client))
         return
     if workers in (None, 1):
         yield ThreadsExecutor(threads, memory_limit=budget)

@@ -1,11 +1,13 @@
 """The passes of a file run, each resumable from the work store.
 
-:func:`execute` runs a :class:`~p2s_dask.planning.plan.Plan` on an executor: it
-stages the input, computes (or reloads) the statistics, solves, computes
-(or reloads) the prediction minima, predicts every chunk not yet done into
-the sink, and commits the sink. Each pass is a small function; the Dask
-graphs come from :mod:`.engine`, the storage from :mod:`.io` and
-:mod:`.sinks`.
+:func:`execute` runs a :class:`~p2s_dask.planning.plan.Plan` on an executor:
+it iterates the plan's passes in their order and hands each to its function
+(:data:`PASSES`, by name): stage or read the input, compute (or reload) the
+statistics, solve, compute (or reload) the prediction's range, predict every
+chunk not yet done into the sink, commit the sink. Nothing here decides what
+the plan decides (modes, chunks, lanes, thread caps, memory, which passes):
+each function reads it from the plan or its :class:`Pass`. The Dask graphs
+come from :mod:`.engine`, the storage from :mod:`.io` and :mod:`.sinks`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import numpy as np
 
 from .. import __version__
 from ..graph import engine
-from ..planning.chunking import patch_lanes
 from ..core.layout import rows_order
 from ..core.postprocess import fit_slope, intensity_shift, outside_range
 from ..errors import DataError, InputError
@@ -32,9 +33,10 @@ from ..io.nifti_memory import as_blocks, read_whole
 from ..io.sidecars import write_sidecars
 from ..io.urls import describe_error, is_local, local_path
 from ..io.zarr_store import compressor_for, store_state
-from ..planning.plan import region_key
+from ..planning.plan import InputMode, OutputMode, Pass, Plan, region_key
 from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, ZarrSink
 from ..config.validate import describe_nonfinite
+from .provenance import result_fingerprint
 from .workstore import stats_from_arrays, stats_to_arrays
 
 logger = logging.getLogger("p2s_dask")
@@ -46,41 +48,57 @@ CHUNK_DELAY_ENV = "P2S_DASK_CHUNK_DELAY"
 PAUSE_ENV = "P2S_DASK_PAUSE_BEFORE"
 
 
-def execute(run, plan, work, executor, report) -> None:
-    """Run every pass of ``plan``; stage times and reuse go into ``report``."""
+@dataclass
+class Execution:
+    """A plan being run: what it runs on and what its passes hand on.
+
+    Attributes
+    ----------
+    run : Run
+        The validated run (:class:`p2s_dask.run.pipeline.Run`).
+    plan : Plan
+    work : WorkStore
+    executor : Executor
+    report : Report
+        Stage times and reuse go here.
+    values, arr : dask.array.Array
+        The input as read (chunked by the plan), and as the passes see it.
+    summary, fitted, post, sink
+        The statistics, the solved models, the range's consequences and the
+        output's sink, each from the pass that makes it.
+    """
+
+    run: object
+    plan: Plan
+    work: object
+    executor: object
+    report: object
+    values: object = None
+    arr: object = None
+    summary: object = None
+    fitted: object = None
+    post: object = None
+    sink: object = None
+
+
+def execute(run, plan: Plan, work, executor, report) -> None:
+    """Run the passes of ``plan`` in its order, each timed into ``report``.
+
+    Parameters
+    ----------
+    run : Run
+    plan : Plan
+    work : WorkStore
+    executor : Executor
+    report : Report
+    """
+    state = Execution(run, plan, work, executor, report)
     timed = _Timer(report)
-    with timed("input", work):
-        values = stage_input(run, plan, work, executor, report)
-    if not any(run.radius):
-        # every task allocates a block and its prediction of the same size:
-        # let the allocator hand freed ones back instead of fresh pages
-        reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
-    else:
-        # with a patch the arithmetic dwarfs page faults, and the lanes'
-        # buffers come in many sizes: give freed ones back rather than keep
-        # the process at its high-water mark
-        return_freed_memory()
-    arr = engine.as_chunked(values, plan.chunks, run.radius)
-    with timed("statistics", work):
-        summary = statistics(run, plan, arr, work, executor, report)
-        # the summary is saved in the work store and read by nothing else
-        fitted = engine.fit_models(summary, run.groups, run.radius, run.model,
-                                   run.opts.alpha, run.calc_dtype, spend=True)
-    with timed("minima", work):
-        post = post_processing(run, arr, fitted, work, executor, report)
-    with timed("predict", work):
-        sink = make_sink(run, plan, work, post.slope, sample_block(values, plan, executor))
-        clipped = predict(run, plan, arr, fitted, post, sink, work, executor, report)
-    if clipped:
-        logger.warning("%d denoised values fell outside the range of %s and were "
-                       "clipped to it", clipped, run.out_dtype)
-    with timed("output", work), _errors("writing the output"):
-        if run.out_kind == "nifti":
-            # the sidecars first: until the image is renamed into place
-            # nothing at OUT looks complete
-            write_sidecars(run.out, bvals=run.bvals, bvecs=run.meta.bvecs,
-                           metadata=provenance(run), storage_options=run.opts.storage_options)
-        sink.commit(executor)
+    for step in plan.passes:
+        if step.name not in PASSES:
+            raise ValueError(f"the plan has a pass {step.name!r} that no function runs")
+        with timed(step.name, work):
+            PASSES[step.name](state, step)
 
 
 def provenance(run) -> dict:
@@ -94,7 +112,8 @@ def provenance(run) -> dict:
             "Sources": [str(run.inp)],
             "Description": "Denoised with Patch2Self (p2s-dask, exact regression from "
                            "sufficient statistics)",
-            "P2SDask": {"Version": __version__, "Options": options}}
+            "P2SDask": {"Version": __version__, "Options": options,
+                        "Fingerprint": result_fingerprint(run)}}
 
 
 class _Timer:
@@ -140,33 +159,79 @@ def _cluster_error(exc) -> str | None:
     return None
 
 
-def stage_input(run, plan, work, executor, report):
-    """The input as a dask array chunked by the plan."""
-    so = run.opts.storage_options
-    if plan.input_mode == "in-place":
-        values, _ = open_nifti(run.inp, plan.chunks, meta=run.meta)
-        return values
-    if plan.input_mode == "memory":
-        with _errors("reading the input"):
-            whole = read_whole(run.inp, run.meta, so)
-        return as_blocks(whole, plan.chunks, run.meta)
-    if plan.input_mode == "store":
-        values = open_dwi(run.inp, so)[0]
-        if values.chunksize != (*plan.chunks, run.shape[3])[:4] or run.stored_chunks is None:
-            # another tool's image (e.g. one chunk per volume), or blocks
-            # the budget cannot hold: rechunked by Dask as it reads
-            values = values.rechunk((*plan.chunks, -1))
-        return values
+# -- the input ------------------------------------------------------------------
+
+def input_pass(state: Execution, step: Pass) -> None:
+    """Read the input into memory, or stage it into the work store (the
+    plan has this pass only for the modes that need it)."""
+    state.values = SOURCES[state.plan.input_mode](state, step)
+
+
+def _in_place(state, step):
+    values, _ = open_nifti(state.run.inp, state.plan.chunks, meta=state.run.meta)
+    return values
+
+
+def _read_whole(state, step):
+    run = state.run
+    with _errors("reading the input"):
+        whole = read_whole(run.inp, run.meta, run.opts.storage_options)
+    return as_blocks(whole, state.plan.chunks, run.meta)
+
+
+def _store(state, step):
+    run, chunks = state.run, state.plan.chunks
+    values = open_dwi(run.inp, run.opts.storage_options)[0]
+    if values.chunksize != (*chunks, run.shape[3])[:4] or run.stored_chunks is None:
+        # another tool's image (e.g. one chunk per volume), or blocks the
+        # budget cannot hold: rechunked by Dask as it reads
+        values = values.rechunk((*chunks, -1))
+    return values
+
+
+def _staged(state, step):
+    """The input converted into the work store within the pass's memory
+    (kept there: a rerun reuses a complete one)."""
+    run, work, so = state.run, state.work, state.run.opts.storage_options
     src = work.file("input.zarr")
     if store_state(src, so) == "complete":
-        report.resumed.append("input")
+        state.report.resumed.append("input")
     else:
         with _errors("staging the input"):
-            nifti_to_zarr(run.inp, src, chunks=plan.chunks, memory_limit=run.budget,
+            nifti_to_zarr(run.inp, src, chunks=state.plan.chunks, memory_limit=step.memory,
                           bvals=run.bvals, bvecs=run.bvecs, overwrite=True,
                           storage_options=so, tmp_dir=_scratch_dir(run, work),
                           progress=run.opts.progress)
     return open_dwi(src, so)[0]
+
+
+# where each input mode's blocks come from
+SOURCES = {InputMode.IN_PLACE: _in_place, InputMode.MEMORY: _read_whole,
+           InputMode.STAGE: _staged, InputMode.STORE: _store}
+
+
+def _blocks(state: Execution):
+    """The input as the passes see it: chunked by the plan, with the halo
+    the radius needs. A mode without an input pass opens it here (a
+    header or a store's metadata: nothing is read yet)."""
+    if state.arr is not None:
+        return state.arr
+    plan, run = state.plan, state.run
+    if state.values is None:
+        if plan.input_mode not in SOURCES:
+            raise ValueError(f"a file run cannot read a {plan.input_mode.value} input")
+        state.values = SOURCES[plan.input_mode](state, plan.pass_named("input"))
+    if not any(plan.radius):
+        # every task allocates a block and its prediction of the same size:
+        # let the allocator hand freed ones back instead of fresh pages
+        reuse_freed_memory(int(np.prod(plan.chunks)) * run.shape[3] * 8)
+    else:
+        # with a patch the arithmetic dwarfs page faults, and the lanes'
+        # buffers come in many sizes: give freed ones back rather than keep
+        # the process at its high-water mark
+        return_freed_memory()
+    state.arr = engine.as_chunked(state.values, plan.chunks, plan.radius)
+    return state.arr
 
 
 def _scratch_dir(run, work):
@@ -178,26 +243,24 @@ def _scratch_dir(run, work):
     return None
 
 
-def statistics(run, plan, arr, work, executor, report):
-    """Pass 1: the merged statistics, saved in the work store."""
+# -- statistics, solve, minima ----------------------------------------------------
+
+def statistics_pass(state: Execution, step: Pass) -> None:
+    """The merged statistics, saved in the work store (or reloaded)."""
+    run, work = state.run, state.work
     saved = work.load_arrays("statistics.npz")
     if saved is not None:
-        report.resumed.append("statistics")
+        state.report.resumed.append("statistics")
         stats, lowest = stats_from_arrays(saved)
-        return engine.Summary(stats, lowest)
-    # one lane of patch statistics per thread, as far as the plan's budget
-    # holds them (the chunk policy left the rest for the blocks)
-    per_worker = patch_lanes(run.shape, run.radius, plan.memory_per_worker,
-                             plan.threads_per_worker)
-    graph = engine.summarize(arr, run.groups, run.radius, run.mask,
-                             lanes=executor.n_workers * per_worker)
+        state.summary = engine.Summary(stats, lowest)
+        return
+    graph = engine.summarize(_blocks(state), run.groups, run.radius, run.mask,
+                             lanes=step.lanes)
     with _errors("computing the statistics"):
-        # with a patch, no more threads than lanes: a thread without a lane
-        # would read the blocks of the lanes' later steps ahead and hold them
-        # (measured with one lane on 145x174x36x288: every block read within
-        # 5 s of the start, 2.8 GB resident against 1.8)
-        threads = per_worker if any(run.radius) else None
-        summary = executor.compute(graph, "statistics", run.opts.progress, threads=threads)
+        # the plan's cap: with a patch no more threads than lanes (see
+        # planning.plan.plan_passes)
+        summary = state.executor.compute(graph, "statistics", run.opts.progress,
+                                         threads=step.threads)
     if summary.nonfinite:
         raise DataError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
     for group, st in zip(run.groups, summary.stats):
@@ -205,7 +268,17 @@ def statistics(run, plan, arr, work, executor, report):
             raise DataError(f"the mask selects {st.count} voxel(s): too few to fit the "
                             f"{group.name} group")
     work.save_arrays("statistics.npz", **stats_to_arrays(summary.stats, summary.minima))
-    return summary
+    state.summary = summary
+
+
+def solve_pass(state: Execution, step: Pass) -> None:
+    """Every group's regression from the statistics, in this process."""
+    run = state.run
+    # the summary is saved in the work store and read by nothing else: its
+    # scatters are inverted in place
+    state.fitted = engine.fit_models(state.summary, run.groups, run.radius, run.model,
+                                     run.opts.alpha, run.calc_dtype, spend=True)
+    state.summary = None
 
 
 @dataclass
@@ -220,63 +293,122 @@ class Post:
     count_outside: bool = False
 
 
-def post_processing(run, arr, fitted, work, executor, report) -> Post:
-    """Pass 2 (when needed): the prediction's per-volume range, from which
+def minima_pass(state: Execution, step: Pass) -> None:
+    """The prediction's per-volume range (saved, or reloaded), from which
     the shift, the output's slope and the clipping forecast follow."""
+    run, work = state.run, state.work
     integer = np.issubdtype(run.out_dtype, np.integer)
-    if not (run.shift or run.fit_scale):
-        return Post(count_outside=integer)  # no range known: count as we go
     saved = work.load_arrays("range.npz")
     if saved is not None:
-        report.resumed.append("minima")
+        state.report.resumed.append("minima")
         lowest, highest = saved["range"]
     else:
         graph = (engine.prediction_range if integer else engine.prediction_minima)(
-            arr, fitted, run.radius)
+            _blocks(state), state.fitted, run.radius)
         with _errors("computing the minima"):
-            both = np.asarray(executor.compute(graph, "minima", run.opts.progress), float)
+            both = np.asarray(state.executor.compute(graph, "minima", run.opts.progress,
+                                                     threads=step.threads), float)
         lowest, highest = both if integer else (both, np.full_like(both, np.inf))
         work.save_arrays("range.npz", range=np.stack([lowest, highest]))
+    state.post = post_processing(run, state.fitted, lowest, highest)
+
+
+def post_processing(run, fitted, lowest, highest) -> Post:
+    """The shift, slope and clipping forecast of a prediction whose
+    per-volume range is ``[lowest, highest]``."""
     shift = intensity_shift(fitted.minima, lowest) if run.shift else None
     if shift is not None:
         lowest, highest = lowest + shift, highest + shift
     if run.clip:
         lowest, highest = np.maximum(lowest, 0), np.maximum(highest, 0)
-    if not integer:
+    if not np.issubdtype(run.out_dtype, np.integer):
         return Post(shift)
     slope = fit_slope(lowest.min(), highest.max(), run.out_dtype) if run.fit_scale else 1.0
     return Post(shift, slope, outside_range(lowest, highest, run.out_dtype, 1 / slope))
 
 
-def make_sink(run, plan, work, slope=1.0, sample=None):
+# -- predict and output -------------------------------------------------------------
+
+def predict_pass(state: Execution, step: Pass) -> None:
+    """Every chunk not yet done, predicted and written by the sink."""
+    run = state.run
+    # without a minima pass no range is known: an integer output's clipped
+    # values are counted as they go
+    post = state.post or Post(count_outside=np.issubdtype(run.out_dtype, np.integer))
+    state.sink = make_sink(state, post.slope, sample_block(state))
+    clipped = predict(state, post, step)
+    if clipped:
+        logger.warning("%d denoised values fell outside the range of %s and were "
+                       "clipped to it", clipped, run.out_dtype)
+    # the input is let go: the output pass's stream gets the whole budget
+    state.values = state.arr = None
+
+
+def output_pass(state: Execution, step: Pass) -> None:
+    """Commit the sink (streaming a NIfTI out of its store or memory)."""
+    run = state.run
+    with _errors("writing the output"):
+        if run.out_kind == "nifti":
+            # the sidecars first: until the image is renamed into place
+            # nothing at OUT looks complete
+            write_sidecars(run.out, bvals=run.bvals, bvecs=run.meta.bvecs,
+                           metadata=provenance(run), storage_options=run.opts.storage_options)
+        state.sink.commit(state.executor)
+
+
+def _direct_sink(state, meta, codec):
+    return NiftiDirectSink(state.run.out, state.work, meta)
+
+
+def _memory_sink(state, meta, codec):
+    return NiftiMemorySink(state.run.out, meta, state.run.opts.storage_options)
+
+
+def _zarr_sink(state, meta, codec):
+    return ZarrSink(state.run.out, state.work, meta, state.plan.chunks,
+                    state.run.opts.storage_options, compressor=codec)
+
+
+def _via_zarr_sink(state, meta, codec):
+    run, work = state.run, state.work
+    # the stream at the commit gets the output pass's memory
+    return NiftiViaZarrSink(run.out, work, meta, state.plan.chunks, run.opts.storage_options,
+                            memory_limit=state.plan.pass_named("output").memory,
+                            tmp_dir=_scratch_dir(run, work), progress=run.opts.progress,
+                            compressor=codec)
+
+
+# the sink of each output mode
+SINKS = {OutputMode.NIFTI_DIRECT: _direct_sink, OutputMode.NIFTI_MEMORY: _memory_sink,
+         OutputMode.ZARR: _zarr_sink, OutputMode.NIFTI_VIA_ZARR: _via_zarr_sink}
+
+
+def make_sink(state: Execution, slope=1.0, sample=None):
     """The sink of the plan's output mode; a store's codec is chosen by how
     well ``sample`` (some input values, see :func:`sample_block`) compresses."""
+    run, mode = state.run, state.plan.output_mode
+    if mode not in SINKS:
+        raise ValueError(f"a file run cannot write a {mode.value} output")
     out_meta = run.meta.for_values(run.out_dtype, run.shape, slope=slope)
-    so = run.opts.storage_options
-    if plan.output_mode == "nifti-direct":
-        return NiftiDirectSink(run.out, work, out_meta)
-    if plan.output_mode == "nifti-memory":
-        return NiftiMemorySink(run.out, out_meta, so)
     codec = None if sample is None else compressor_for(sample, run.out_dtype)
-    if plan.output_mode == "zarr":
-        return ZarrSink(run.out, work, out_meta, plan.chunks, so, compressor=codec)
-    return NiftiViaZarrSink(run.out, work, out_meta, plan.chunks, so,
-                            memory_limit=run.budget, tmp_dir=_scratch_dir(run, work),
-                            progress=run.opts.progress, compressor=codec)
+    return SINKS[mode](state, out_meta, codec)
 
 
-def sample_block(values, plan, executor):
+def sample_block(state: Execution):
     """The input's middle block (all volumes), for choosing an output codec;
-    None for a NIfTI written without a store, which has none."""
-    if plan.output_mode in ("nifti-direct", "nifti-memory"):
+    None for an output without a store, which has none."""
+    if not state.plan.output_mode.has_store:
         return None
+    _blocks(state)  # opens the input when no pass has yet
+    values = state.values
     middle = tuple(len(c) // 2 for c in values.chunks[:3]) + (0,)
-    return executor.compute(values.blocks[middle], "sample")
+    return state.executor.compute(values.blocks[middle], "sample")
 
 
-def predict(run, plan, arr, fitted, post, sink, work, executor, report) -> int:
-    """Pass 3: every chunk not yet done, predicted and written by the sink.
-    Returns how many values the cast to an integer output clipped."""
+def predict(state: Execution, post: Post, step: Pass) -> int:
+    """Every chunk not yet done, predicted and written by the sink. Returns
+    how many values the cast to an integer output clipped."""
+    work, sink, executor = state.work, state.sink, state.executor
     done = work.done_regions()
     with _errors("creating the output"):
         resumed = sink.create(resume=bool(done))
@@ -286,12 +418,13 @@ def predict(run, plan, arr, fitted, post, sink, work, executor, report) -> int:
         done = set()
     work.makedirs("done")
     executor.require_shared_files(_shared_files(sink))
-    tasks = _write_tasks(plan, arr, fitted, run, post, sink, work, done)
+    tasks = _write_tasks(state, post, done)
     if done:
-        report.resumed.append(f"{len(done)} output chunks")
+        state.report.resumed.append(f"{len(done)} output chunks")
     try:
         with _errors("writing the output"):
-            counts = executor.compute(tasks, "predict", run.opts.progress) if tasks else []
+            counts = executor.compute(tasks, "predict", state.run.opts.progress,
+                                      threads=step.threads) if tasks else []
             sink.finish(executor)
     except BaseException:
         sink.abort(executor)
@@ -307,13 +440,25 @@ def _shared_files(sink):
     return [os.path.join(local_path(url), "zarr.json")]
 
 
-def _write_chunk(block, region, fitted, radius, post, clip, dtype, sink, work, key):
+@dataclass
+class _Prediction:
+    """How every block is predicted: one graph key shared by the tasks."""
+
+    fitted: object
+    radius: tuple
+    post: Post
+    clip: bool
+    dtype: object
+
+
+def _write_chunk(block, region, how: _Prediction, sink, work, key):
     # a volume-major block predicts straight into the writer's layout
-    buffer = sink.buffer(region, dtype) if rows_order(block) == "F" else None
-    counter = engine.Outside(dtype) if post.count_outside else None
+    buffer = sink.buffer(region, how.dtype) if rows_order(block) == "F" else None
+    post = how.post
+    counter = engine.Outside(how.dtype) if post.count_outside else None
     scale = None if post.slope == 1.0 else 1.0 / post.slope
-    out = engine.predict_chunk(block, fitted, radius, post.shift, clip, dtype, out=buffer,
-                               scale=scale, counter=counter)
+    out = engine.predict_chunk(block, how.fitted, how.radius, post.shift, how.clip, how.dtype,
+                               out=buffer, scale=scale, counter=counter)
     clipped = 0 if counter is None else counter.count
     # the marker goes after the data: a marked chunk is always fully written
     sink.write(region, out, lambda: work.mark_done(key, clipped))
@@ -323,15 +468,20 @@ def _write_chunk(block, region, fitted, radius, post, clip, dtype, sink, work, k
     return clipped
 
 
-def _write_tasks(plan, arr, fitted, run, post, sink, work, done):
+def _write_tasks(state: Execution, post: Post, done):
     """One task per chunk of the plan whose region is not done yet."""
-    blocks = engine.with_halo(arr, run.radius).to_delayed()
-    fitted_d = dask.delayed(fitted)
+    run, plan = state.run, state.plan
+    blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
+    how = dask.delayed(_Prediction(state.fitted, plan.radius, post, run.clip, run.out_dtype))
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
     for idx, region in plan.regions():
         key = region_key(region)
         if key not in done:
-            tasks.append(write(blocks[idx + (0,)], region, fitted_d, run.radius, post,
-                               run.clip, run.out_dtype, sink, work, key))
+            tasks.append(write(blocks[idx + (0,)], region, how, state.sink, state.work, key))
     return tasks
+
+
+# each pass of a plan, by name
+PASSES = {"input": input_pass, "statistics": statistics_pass, "solve": solve_pass,
+          "minima": minima_pass, "predict": predict_pass, "output": output_pass}

@@ -34,20 +34,23 @@ from .executors import open_executor
 from ..config.groups import make_groups
 from ..config.groupspec import group_labels
 from ..io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
-from ..io.budget import parse_memory_limit, store_itemsize
+from ..io.budget import parse_memory_limit
 from ..io.urls import exists, is_local, join
 from ..io.sidecars import read_json_sidecar, sidecar_urls
 from ..io.zarr_store import store_state
 from .memory import PeakMemory
 from ..config.options import Options, check_run_options
-from ..planning.plan import make_plan
+from ..planning.plan import Data, Endpoint, Settings, Workers, make_plan
 from .passes import execute
-from ..planning.safety import canonical, check_in_out, output_lock
+from ..planning.checker import check
+from ..planning.manifest import canonical
+from ..planning.paths import WORK_SUFFIX, run_manifest, work_url
+from .lock import output_lock
 from .threads import single_threaded_blas
-from ..config.validate import check_bvals, check_options, check_precision, check_shape
+from ..config.validate import (check_bvals, check_fit_voxels, check_options, check_precision,
+                               check_shape)
 from .workstore import WorkStore, content_hash, fingerprint
 
-WORK_SUFFIX = ".p2s-work"
 logger = logging.getLogger("p2s_dask")
 # the options object of earlier releases
 DenoiseOptions = Options
@@ -111,19 +114,8 @@ class Run:
     fit_scale: bool = False  # an integer output with a fitted scl_slope
 
 
-def work_url(out, tmp_dir) -> str:
-    """Where the work store of OUT goes: next to it, or in ``tmp_dir``."""
-    import hashlib
-    base = str(out).rstrip("/")
-    if tmp_dir:
-        name = base.rsplit("/", 1)[-1]
-        digest = hashlib.sha1(canonical(base).encode()).hexdigest()[:8]
-        return join(str(tmp_dir), f"{name}.{digest}{WORK_SUFFIX}")
-    return base + WORK_SUFFIX
-
-
 def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = None,
-                 executor=None, **run_options) -> Report:
+                 executor=None, manifest=None, **run_options) -> Report:
     """Denoise a NIfTI or Zarr dataset into a NIfTI or Zarr file.
 
     Parameters
@@ -138,6 +130,10 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
     executor : Executor, optional
         An open executor (:func:`p2s_dask.run.executors.open_executor`) shared by
         several runs; by default one is opened for this run and closed after.
+    manifest : Manifest, optional
+        The checked manifest of the invocation this run is part of (a batch,
+        a BIDS dataset, a command with a report and a log); by default the
+        run's own is built and checked here.
     **run_options
         Fields of :class:`Options` given directly (e.g. ``memory_limit``,
         ``workers``, ``overwrite``, ``tmp_dir``), overriding ``options``.
@@ -148,7 +144,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
     """
     start = time.perf_counter()
     opts = (options or Options()).with_(**run_options)
-    run = prepare(str(inp), str(out), bvals, bvecs, opts)
+    run = prepare(str(inp), str(out), bvals, bvecs, opts, manifest)
     report = Report(output=str(out), shape=run.shape)
     with output_lock(out), PeakMemory() as peak:
         with _executor(executor, opts, run.budget) as ex, single_threaded_blas():
@@ -170,9 +166,7 @@ def _run_plan(run: Run, executor, report: Report) -> None:
     """Plan, start or resume the work store, execute; remove the work store
     after success or bad data (kept after any other failure, to resume)."""
     plan = plan_for(run, executor)
-    report.plan = {"chunks": list(plan.chunks), "input": plan.input_mode,
-                   "output": plan.output_mode, "memory_per_worker": plan.memory_per_worker,
-                   "threads_per_worker": plan.threads_per_worker}
+    report.plan = plan.as_dict()
     work = WorkStore(run.work_url, run.opts.storage_options)
     report.started_over = work.start(identity(run, plan)) or ""
     if report.started_over:
@@ -185,20 +179,35 @@ def _run_plan(run: Run, executor, report: Report) -> None:
     work.remove()
 
 
-def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
-    """Validate a run; read headers and small files only, write nothing."""
+def prepare(inp, out, bvals, bvecs, opts: Options, manifest=None) -> Run:
+    """Validate a run; read headers and small files only, write nothing.
+
+    The run's paths are checked against the safety rules here, unless the
+    front checked them as part of its invocation's ``manifest`` (then the
+    run's own targets must all be in it)."""
+    _checked_options(opts)
+    check_paths(inp, out, bvals, bvecs, opts, manifest)
+    return describe_run(inp, out, bvals, bvecs, opts)
+
+
+def _checked_options(opts):
+    """``(budget, radius, model, out_dtype)`` of valid options."""
     check_run_options(opts)
     budget = parse_memory_limit(opts.memory_limit)
     radius, model, out_dtype = check_options(
         patch_radius=opts.patch_radius, model=opts.model, alpha=opts.alpha,
         version=opts.version, out_dtype=opts.out_dtype)
     check_precision(opts.precision, None, None)
+    return budget, radius, model, out_dtype
+
+
+def describe_run(inp, out, bvals, bvecs, opts: Options) -> Run:
+    """The validated :class:`Run` of IN -> OUT (no path rules: see
+    :func:`prepare`); reads headers and small files only."""
+    budget, radius, model, out_dtype = _checked_options(opts)
     in_kind, out_kind = kind_of(inp), kind_of(out)
     wurl = work_url(out, opts.tmp_dir)
-    check_in_out(inp, out, wurl, others=[bvals, bvecs, opts.mask])
     _require_input(inp, opts.storage_options)
-    _refuse_existing_output(out, out_kind, wurl, opts)
-    _refuse_existing_sidecars(out, out_kind, wurl, opts)
     shape, meta, stored_chunks = _probe(inp, in_kind, opts.storage_options)
     check_shape(shape)
     bvals, bvecs = _gradients(inp, in_kind, bvals, bvecs, meta, opts.storage_options)
@@ -214,6 +223,7 @@ def prepare(inp, out, bvals, bvecs, opts: Options) -> Run:
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
                          b0_denoising=opts.b0_denoising, groups=labels)
     mask = _load_mask(opts.mask, shape, opts.storage_options)
+    check_fit_voxels(groups, mask, shape, radius, model, opts.alpha)
     # scaled integer input comes back as its integer type with a fitted
     # scl_slope (as nibabel writes it), unless --out-dtype says otherwise
     fit_scale = out_dtype is None and meta.scaled and np.issubdtype(meta.raw_dtype, np.integer)
@@ -232,103 +242,50 @@ def _require_input(inp, storage_options):
             raise InputError(f"input not found: {inp}{_bucket_note(inp, storage_options)}")
 
 
-def _refuse_existing_output(out, out_kind, wurl, opts):
-    """OUT may exist only with --overwrite, or as our own unfinished store."""
-    if opts.overwrite or not exists(out, opts.storage_options):
+def check_paths(inp, out, bvals, bvecs, opts, manifest=None) -> None:
+    """Check the run's manifest (its own, or that its front checked)."""
+    own = run_manifest(inp, out, opts, bvals=bvals, bvecs=bvecs)
+    if manifest is None:
+        check(own, overwrite=opts.overwrite, ours=unfinished_work(out, opts),
+              storage_options=opts.storage_options)
         return
-    state = store_state(out, opts.storage_options) if out_kind == "zarr" else "complete"
-    ours = state == "incomplete" and exists(join(wurl, "run.json"), opts.storage_options)
-    if not ours:
-        from ..config.options import spell
-        raise InputError(f"{out} exists; use {spell('overwrite')} to replace it")
+    planned = {w.place.key for w in manifest.writes}
+    stray = [w.place.url for w in own.writes if w.place.key not in planned]
+    if stray:  # a front that forgot a target: a bug, never a user's error
+        raise RuntimeError(f"run writes outside its checked manifest: {stray}")
 
 
-def _refuse_existing_sidecars(out, out_kind, wurl, opts):
-    """A NIfTI OUT's sidecars are written too: never over files of the user's
-    (those of an unfinished run of ours, which wrote them first, are ours)."""
-    if opts.overwrite or out_kind != "nifti" or exists(join(wurl, "run.json"),
-                                                        opts.storage_options):
-        return
-    for url in sidecar_urls(out).values():
-        if exists(url, opts.storage_options):
-            from ..config.options import spell
-            raise InputError(f"{url} exists (OUT's sidecar); use {spell('overwrite')} "
-                             "to replace it")
+def unfinished_work(out, opts) -> set:
+    """Keys of what exists at OUT because of our own unfinished run (its work
+    store holds a recorded run): an incomplete store of ours, and a NIfTI
+    OUT's sidecars, which such a run writes before its image. The work store
+    decides by fingerprint whether any of it is reused."""
+    so = opts.storage_options
+    wurl = work_url(out, opts.tmp_dir)
+    if not exists(join(wurl, "run.json"), so):
+        return set()
+    ours = {canonical(u) for u in sidecar_urls(out).values()} if kind_of(out) == "nifti" \
+        else set()
+    if kind_of(out) == "zarr" and store_state(out, so) == "incomplete":
+        ours.add(canonical(out))
+    return ours
 
 
 def plan_for(run: Run, executor):
-    """The :class:`~p2s_dask.planning.plan.Plan` of ``run`` on ``executor``'s workers."""
-    opts = run.opts
-    in_place = (run.in_kind == "nifti" and executor.is_local and str(run.inp).endswith(".nii")
-                and is_local(run.inp))
-    input_mode = "in-place" if in_place else ("stage" if run.in_kind == "nifti" else "store")
-    if run.out_kind == "zarr":
-        output_mode = "zarr"
-    elif executor.is_local and str(run.out).endswith(".nii") and is_local(run.out) \
-            and is_local(run.work_url):
-        output_mode = "nifti-direct"
-    else:
-        output_mode = "nifti-via-zarr"
-    input_mode, output_mode, held = _in_memory(run, executor, input_mode, output_mode)
-    stored = run.stored_chunks if input_mode == "store" else None
-    # a .nii read in place or into memory, a .nii.gz staged into our store,
-    # and our stores give volume-major blocks; another tool's image is
-    # rechunked by Dask
-    volume_major = input_mode != "store" or run.stored_chunks is not None
-    as_stored = input_mode in ("in-place", "memory")
-    return make_plan(run.shape, working_itemsize(run.meta, as_stored, volume_major),
-                     run.radius, input_mode=input_mode,
-                     output_mode=output_mode,
-                     memory_per_worker=executor.memory_per_worker - held,
-                     threads_per_worker=executor.threads_per_worker,
-                     shift_intensity=run.shift, requested_chunks=opts.chunks,
-                     stored_chunks=stored)
-
-
-# an input read whole into memory and an output filled there take at most
-# this share of the budget together; the blocks get the rest
-MEMORY_IMAGE_SHARE = 0.5
-
-
-def _in_memory(run: Run, executor, input_mode: str, output_mode: str):
-    """``(input_mode, output_mode, bytes held)``: a NIfTI that is read (or
-    written) from start to end, gzip or remote, is held in memory instead
-    of a Zarr store in the work store when the tasks run in this process
-    and it fits :data:`MEMORY_IMAGE_SHARE` of the budget (the input first)."""
-    if not executor.in_process:
-        return input_mode, output_mode, 0
-    voxels = int(np.prod(run.shape))
-    sizes = {"input": voxels * run.meta.raw_dtype.itemsize if input_mode == "stage" else 0,
-             "output": voxels * run.out_dtype.itemsize
-             if output_mode == "nifti-via-zarr" else 0}
-    room = int(MEMORY_IMAGE_SHARE * executor.memory_per_worker)
-    held = 0
-    for which in ("input", "output"):
-        if 0 < sizes[which] <= room - held:
-            held += sizes[which]
-            if which == "input":
-                input_mode = "memory"
-            else:
-                output_mode = "nifti-memory"
-    return input_mode, output_mode, held
-
-
-def working_itemsize(meta, in_place: bool, volume_major: bool = False) -> int:
-    """Bytes per value the chunk policy counts for a block.
-
-    Counted as stored (the core works on them without a float64 copy, and
-    bigger blocks mean longer per-volume runs and fewer tasks): a ``.nii``
-    read in place, and volume-major float blocks (our NIfTI-Zarr stores, a
-    staged ``.nii.gz``). Scaled data (decoded to float64), integer blocks
-    of a store (pieces of which go through float64) and blocks Dask
-    assembles from another layout count 8. ``convert`` follows the same
-    rule (:func:`.io.budget.store_itemsize`).
-    """
-    if meta.scaled:
-        return 8
-    if in_place:
-        return meta.raw_dtype.itemsize
-    return store_itemsize(meta.raw_dtype, meta.scaled) if volume_major else 8
+    """The :class:`~p2s_dask.planning.plan.Plan` of ``run`` on ``executor``'s
+    workers: the facts are gathered here, every decision is the plan's
+    (:func:`p2s_dask.planning.plan.make_plan`)."""
+    data = Data(run.shape, run.meta.raw_dtype, run.out_dtype, bool(run.meta.scaled),
+                run.stored_chunks)
+    workers = Workers(executor.n_workers, executor.memory_per_worker,
+                      executor.threads_per_worker, bool(executor.in_process),
+                      bool(executor.is_local))
+    # the minima pass gives the range that the shift and a fitted slope need
+    settings = Settings(run.radius, bool(run.shift or run.fit_scale), run.opts.chunks,
+                        is_local(run.work_url), run.budget)
+    return make_plan(data, Endpoint(run.in_kind, str(run.inp), is_local(run.inp)),
+                     Endpoint(run.out_kind, str(run.out), is_local(run.out)), workers,
+                     settings)
 
 
 def identity(run: Run, plan) -> dict:
@@ -345,7 +302,8 @@ def identity(run: Run, plan) -> dict:
         "groups": [[g.name, list(g.indices), g.denoise] for g in run.groups],
         "options": {**options, "out_dtype": str(run.out_dtype),
                     "calc_dtype": str(run.calc_dtype)},
-        "plan": {**plan.identity(), "input": plan.input_mode, "output": plan.output_mode},
+        # the modes as the strings earlier work stores recorded
+        "plan": plan.identity(),
     }
 
 
@@ -411,18 +369,29 @@ def _load_mask(mask, shape, storage_options):
     if mask is None:
         return None
     import gzip
+    import warnings
 
     import nibabel as nib
+    from nibabel.imageglobals import logger as nib_logger
     fs, path = fs_and_path(mask, storage_options)
     with user_errors(mask, "reading"), fs.open(path, "rb") as fh:
         data = fh.read()
+    # nibabel reports a bad header on its own log and in warnings before it
+    # raises: the user gets our one line instead
+    level = nib_logger.level
+    nib_logger.setLevel(logging.CRITICAL + 1)
     try:
-        if data[:2] == b"\x1f\x8b":  # a mask is small: gunzip it whole
-            data = gzip.decompress(data)
-        img = nib.Nifti1Image.from_bytes(data)
-        arr = np.asanyarray(img.dataobj)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if data[:2] == b"\x1f\x8b":  # a mask is small: gunzip it whole
+                data = gzip.decompress(data)
+            img = nib.Nifti1Image.from_bytes(data)
+            arr = np.asanyarray(img.dataobj)
     except Exception as exc:
-        raise InputError(f"--mask {mask} is not a readable NIfTI file ({exc})") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--mask {mask} is not a readable NIfTI file ({reason})") from None
+    finally:
+        nib_logger.setLevel(level)
     if arr.shape[:3] != shape[:3] or (arr.ndim == 4 and arr.shape[3] != 1) or arr.ndim > 4:
         raise InputError(f"--mask has shape {arr.shape} but the data's spatial shape is "
                          f"{shape[:3]}")
@@ -431,3 +400,23 @@ def _load_mask(mask, shape, storage_options):
         raise InputError(f"--mask {mask} selects {np.count_nonzero(arr)} voxel(s): too "
                          "few to fit a regression")
     return arr
+
+
+def dry_run_lines(inp, out, opts: Options, bvals=None, bvecs=None) -> list:
+    """What ``--dry-run`` prints for one run: the data and the plan the run
+    would make on this executor (opened for the workers' budgets: a
+    scheduler is asked, nothing is written)."""
+    run = describe_run(str(inp), str(out), bvals, bvecs, opts)
+    with _executor(None, opts, run.budget) as ex:
+        plan = plan_for(run, ex)
+        where = (f"{ex.n_workers} worker(s) x {ex.threads_per_worker} thread(s), "
+                 f"{ex.memory_per_worker / 2**30:.2f} GiB each")
+    head = [f"run: {inp} -> {out}",
+            f"  data: {'x'.join(map(str, run.shape))} {run.meta.raw_dtype}"
+            f"{' (scaled)' if run.meta.scaled else ''}, radius {list(run.radius)}, "
+            f"model {run.model}, output {run.out_dtype}",
+            f"  groups: " + ", ".join(f"{g.name} ({len(g.indices)} volumes"
+                                      f"{'' if g.denoise else ', passed through'})"
+                                      for g in run.groups),
+            f"  executor: {where}"]
+    return head + ["  " + line for line in plan.describe()]
