@@ -340,6 +340,89 @@ def test_running_decides_nothing_the_plan_decides():
     assert not found, found
 
 
+# -- execution follows the plan ------------------------------------------------------
+
+def block_tasks(collection) -> int:
+    """Tasks in a Dask collection (or list of them) that work on one block:
+    the statistics of a block, a lane's step over one, a block's prediction
+    range or minima, a block predicted and written."""
+    from p2s_dask.graph import engine
+    from p2s_dask.run import passes
+    per_block = {engine._summarize_block, engine._lane_step, engine._predict_min_chunk,
+                 engine._predict_range_chunk, passes._write_chunk}
+    items = collection if isinstance(collection, (list, tuple)) else [collection]
+    graph = {}
+    for item in items:
+        graph.update(dict(item.__dask_graph__()))
+    return sum(getattr(task, "func", None) in per_block for task in graph.values())
+
+
+def recording_executor(threads, memory_limit, in_process=True):
+    """A threads executor that records each compute: (pass, block tasks,
+    thread cap). Without ``in_process`` it says its tasks run elsewhere (as
+    a cluster's do), so that the plan holds no image in memory."""
+    from p2s_dask.run.executors import ThreadsExecutor
+
+    class Recording(ThreadsExecutor):
+        def __init__(self):
+            super().__init__(threads, memory_limit)
+            self.in_process = in_process
+            self.calls = []
+
+        def compute(self, collection, desc="", progress=False, threads=None):
+            self.calls.append((desc, block_tasks(collection), threads))
+            return super().compute(collection, desc, progress, threads)
+
+    return Recording()
+
+
+def tiny_dwi(folder, name, volumes=12):
+    import nibabel as nib
+    rng = np.random.default_rng(3)
+    data = 500 + 100 * rng.standard_normal((10, 9, 8, volumes))
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.eye(4)), str(folder / name))
+    return folder / name, np.r_[0, 0, [1000] * (volumes - 2)]
+
+
+@pytest.mark.parametrize("inp,out,volumes,options,modes", [
+    ("dwi.nii", "den.nii", 12, {}, ("in-place", "nifti-direct")),
+    ("dwi.nii.gz", "den.zarr", 12, {"patch_radius": 1, "version": 1}, ("memory", "zarr")),
+    # tasks that do not run here: the input staged, the output streamed
+    ("dwi.nii.gz", "den.nii.gz", 12, {"shift_intensity": False}, ("stage", "nifti-via-zarr")),
+])
+def test_execution_follows_the_plan(tmp_path, monkeypatch, inp, out, volumes, options,
+                                    modes):
+    """A small real run: the passes that ran, their order, the tasks each
+    gave the executor and its thread caps are exactly the plan's."""
+    from p2s_dask.graph import engine
+    from p2s_dask.run.pipeline import denoise_file
+    # the statistics of a patch are summed in lanes even for this small scatter
+    monkeypatch.setattr(engine, "SMALL_SCATTER_BYTES", 0)
+    path, bvals = tiny_dwi(tmp_path, inp, volumes)
+    executor = recording_executor(2, 64 << 20, in_process=modes[0] != "stage")
+    report = denoise_file(path, tmp_path / out, bvals=bvals, executor=executor,
+                          chunks=(10, 9, 3), progress=False, memory_limit="64MiB", **options)
+    plan = report.plan
+    assert (plan["input"], plan["output"]) == modes
+    names = [p["name"] for p in plan["passes"]]
+    # every pass ran (and was timed) in the plan's order, nothing else did
+    assert list(report.stages) == names
+    assert names == [n for n in PASS_NAMES if n in names]
+    # the executor was given exactly the plan's tasks, pass by pass
+    computed = [call for call in executor.calls if call[0] != "sample"]
+    assert computed == [(p["name"], p["tasks"], p["threads"]) for p in plan["passes"]
+                        if p["where"] == "workers"]
+    assert all(p["tasks"] == 3 for p in plan["passes"] if p["where"] == "workers")
+    assert computed and all(tasks == 3 for _, tasks, _ in computed)
+    # a store's codec is chosen from one block of the input, and only then
+    samples = [call for call in executor.calls if call[0] == "sample"]
+    assert len(samples) == (1 if plan["output"] in ("zarr", "nifti-via-zarr") else 0)
+    assert ("minima" in names) == options.get("shift_intensity", True)
+    stats = next(p for p in plan["passes"] if p["name"] == "statistics")
+    assert stats["lanes"] >= 1 and stats["threads"] <= 2
+    assert (tmp_path / out).exists()
+
+
 def test_chunks_follow_the_budget_per_worker():
     shape = (128, 128, 64, 100)
     small = chunk_policy(shape, 8, 256 << 20, 2)

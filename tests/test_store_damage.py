@@ -105,8 +105,8 @@ def test_missing_shard_read_through_zarr_is_found_by_listing(tmp_path):
     missing shard is found before any read, from one listing."""
     from zarr.codecs import ZstdCodec
 
-    from p2s_dask.io import DwiMeta, create_dwi_store, mark_complete, write_region
-    from p2s_dask.io.chunk_io import read_chunks
+    from p2s_dask.io import DwiMeta, create_dwi_store, mark_complete, write_region, zarr_to_nifti
+    from p2s_dask.io.chunk_io import _ChunkCodec, read_chunks
     data = _noisy(1)
     url = tmp_path / "zstd.zarr"
     array = create_dwi_store(url, SHAPE, data.dtype, (6, 5, 8),
@@ -114,11 +114,15 @@ def test_missing_shard_read_through_zarr_is_found_by_listing(tmp_path):
     write_region(array, ..., data, str(url))
     mark_complete(url)
     stored, _ = open_dwi_array(url)
+    assert _ChunkCodec.of(stored.zarr) is None  # Zarr decodes it, not our reader
     np.testing.assert_array_equal(read_chunks(stored, str(url)).compute(), data)
     (url / "0" / "c" / "0" / "0" / "1" / "0").unlink()
     assert missing_chunks(stored) == (["0/c/0/0/1/0"], 4)
     with pytest.raises(DataError, match=r"chunk 0/c/0/0/1/0 .*missing.*\(1 of its 4 chunks"):
         read_chunks(stored, str(url))
+    with pytest.raises(DataError, match=r"chunk 0/c/0/0/1/0 .*missing"):
+        zarr_to_nifti(url, tmp_path / "back.nii", progress=False)
+    assert not (tmp_path / "back.nii").exists()
 
 
 def _foreign_store(path: Path, data: np.ndarray, fill: float) -> zarr.Array:

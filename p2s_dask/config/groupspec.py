@@ -82,6 +82,9 @@ def _labels_file(path, n, storage_options):
         labels = np.array([int(v) for v in text.split()], np.int64)
     except ValueError:
         raise InputError(f"{spell('groups')} {path}: labels must be integers") from None
+    except OverflowError:
+        raise InputError(f"{spell('groups')} {path}: labels must fit 64-bit integers "
+                         "(a label names a group; small numbers do)") from None
     if labels.size != n:
         raise InputError(f"{spell('groups')} {path} has {labels.size} labels but the data "
                          f"has {n} volumes")

@@ -110,15 +110,15 @@ def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()
     manifest = extra
     for job in jobs:
         # every pair's input is read by the batch, even one skipped or failed
-        own = run_manifest(job.inp, job.out, opts, bvals=bvals, bvecs=bvecs, label=job.out)
+        own = run_manifest(job.inp, job.out, opts, bvals=bvals, bvecs=bvecs, label=job.inp)
         manifest += own if job.todo == "run" else Manifest(reads=own.reads)
     check_layout(manifest)
     problems = check_existing(manifest, overwrite=opts.overwrite,
                               ours=set().union(*[j.ours for j in jobs]),
                               storage_options=opts.storage_options)
     for job in jobs:
-        if job.todo == "run" and job.out in problems:
-            job.todo, job.message = "fail", problems[job.out]
+        if job.todo == "run" and job.inp in problems:
+            job.todo, job.message = "fail", problems[job.inp]
     return jobs, manifest
 
 
@@ -156,7 +156,7 @@ def _one(job: Job, options, executor, manifest, gradients) -> Outcome:
     start = time.perf_counter()
     made = []
     try:
-        made = make_folders(manifest, job.out)
+        made = make_folders(manifest, job.inp)
         denoise_file(job.inp, job.out, bvals=gradients[0], bvecs=gradients[1],
                      options=options, executor=executor, manifest=manifest)
     except BusyError as exc:

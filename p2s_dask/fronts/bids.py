@@ -172,7 +172,7 @@ def bids_manifest(runs, output_dir, *, keep_description: bool) -> Manifest:
     root = str(output_dir).rstrip("/")
     manifest = folders_between(root, root, flag="OUTPUT_DIR")
     for r in runs:
-        manifest += folders_between(root, r.folder, flag="OUTPUT_DIR", label=r.output)
+        manifest += folders_between(root, r.folder, flag="OUTPUT_DIR", label=str(r.path))
     if not keep_description:
         manifest += Manifest(writes=(Write("description", Place.of(description_url(root)),
                                            How.KEEP, flag="OUTPUT_DIR"),))

@@ -284,7 +284,9 @@ def _denoise_one(args, opts, inp, out):
 def _run_many(args, opts, pairs, extra, before=None) -> int:
     """A batch: decided and checked as a whole, then run; ``before(manifest)``
     writes the front's own files once the check passed."""
+    from ..run.pipeline import checked_options
     from .batch import denoise_many, plan_batch, table
+    checked_options(opts)  # one bad option fails the batch, not each run
     bvals, bvecs = getattr(args, "bvals", None), getattr(args, "bvecs", None)
     jobs, manifest = plan_batch(pairs, opts, bvals=bvals, bvecs=bvecs, extra=extra)
     if args.dry_run:

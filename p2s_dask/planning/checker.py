@@ -183,7 +183,7 @@ def _no_two_writes_collide(writes) -> None:
 
 def _collision(a, b) -> str:
     if a.run and b.run and a.run != b.run:
-        return (f"{a.run} and {b.run} would both write {a.place.url}; "
+        return (f"the runs of {a.run} and {b.run} would both write {a.place.url}; "
                 "give them different outputs")
     return f"{_name(a)} and {_name(b)} are the same place; choose another path"
 

@@ -34,7 +34,7 @@ from ..io.sidecars import write_sidecars
 from ..io.urls import describe_error, is_local, local_path
 from ..io.zarr_store import compressor_for, store_state
 from ..planning.plan import InputMode, OutputMode, Pass, Plan, region_key
-from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, ZarrSink
+from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, Stream, ZarrSink
 from ..config.validate import describe_nonfinite
 from .provenance import result_fingerprint
 from .workstore import stats_from_arrays, stats_to_arrays
@@ -372,10 +372,10 @@ def _zarr_sink(state, meta, codec):
 def _via_zarr_sink(state, meta, codec):
     run, work = state.run, state.work
     # the stream at the commit gets the output pass's memory
+    stream = Stream(state.plan.pass_named("output").memory, _scratch_dir(run, work),
+                    run.opts.progress)
     return NiftiViaZarrSink(run.out, work, meta, state.plan.chunks, run.opts.storage_options,
-                            memory_limit=state.plan.pass_named("output").memory,
-                            tmp_dir=_scratch_dir(run, work), progress=run.opts.progress,
-                            compressor=codec)
+                            compressor=codec, stream=stream)
 
 
 # the sink of each output mode

@@ -185,12 +185,12 @@ def prepare(inp, out, bvals, bvecs, opts: Options, manifest=None) -> Run:
     The run's paths are checked against the safety rules here, unless the
     front checked them as part of its invocation's ``manifest`` (then the
     run's own targets must all be in it)."""
-    _checked_options(opts)
+    checked_options(opts)
     check_paths(inp, out, bvals, bvecs, opts, manifest)
     return describe_run(inp, out, bvals, bvecs, opts)
 
 
-def _checked_options(opts):
+def checked_options(opts):
     """``(budget, radius, model, out_dtype)`` of valid options."""
     check_run_options(opts)
     budget = parse_memory_limit(opts.memory_limit)
@@ -204,7 +204,7 @@ def _checked_options(opts):
 def describe_run(inp, out, bvals, bvecs, opts: Options) -> Run:
     """The validated :class:`Run` of IN -> OUT (no path rules: see
     :func:`prepare`); reads headers and small files only."""
-    budget, radius, model, out_dtype = _checked_options(opts)
+    budget, radius, model, out_dtype = checked_options(opts)
     in_kind, out_kind = kind_of(inp), kind_of(out)
     wurl = work_url(out, opts.tmp_dir)
     _require_input(inp, opts.storage_options)

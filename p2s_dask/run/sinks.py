@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..core.layout import volume_columns
 from ..io import zarr_to_nifti
+from ..io.budget import DEFAULT_MEMORY_LIMIT
 from ..io.nifti_memory import write_whole
 from ..io.nifti_direct import block_buffer, create_nifti, finish_writes, submit_block
 from ..io.urls import exists, is_local, local_path, remove
@@ -122,22 +124,35 @@ class ZarrSink:
             executor.run(finish_region_writes, self.url)
 
 
+@dataclass(frozen=True)
+class Stream:
+    """How a store is streamed into a NIfTI at commit: within
+    ``memory_limit`` bytes (the plan's output pass), scratch files under
+    ``tmp_dir``, with or without progress lines."""
+
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
+    tmp_dir: str | None = None
+    progress: bool = False
+
+
 class NiftiViaZarrSink(ZarrSink):
     """A ``.nii.gz`` (or remote ``.nii``): a Zarr store in the work store,
-    streamed into OUT at commit."""
+    streamed into OUT at commit (see :class:`Stream`)."""
 
-    def __init__(self, out, work, meta, chunks, storage_options=None, memory_limit=None,
-                 tmp_dir=None, progress=False, compressor=None):
+    def __init__(self, out, work, meta, chunks, storage_options=None, compressor=None,
+                 stream: Stream | None = None):
         super().__init__(out, work, meta, chunks, storage_options, compressor)
         self.in_place = False
         self.url = work.file("output.zarr")
-        self.memory_limit, self.tmp_dir, self.progress = memory_limit, tmp_dir, progress
+        self.stream = stream or Stream()
 
     def commit(self, executor, storage_options=None):
         if store_state(self.url, self.so) != "complete":
             self.finish(executor)
-        zarr_to_nifti(self.url, self.out, memory_limit=self.memory_limit, overwrite=True,
-                      storage_options=self.so, tmp_dir=self.tmp_dir, progress=self.progress)
+        stream = self.stream
+        zarr_to_nifti(self.url, self.out, memory_limit=stream.memory_limit, overwrite=True,
+                      storage_options=self.so, tmp_dir=stream.tmp_dir,
+                      progress=stream.progress)
 
 
 class NiftiMemorySink:
