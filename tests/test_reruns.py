@@ -180,3 +180,37 @@ def test_bids_derivatives_go_to_the_bucket(dataset, tmp_path, moto, capsys,  # n
     capsys.readouterr()
     assert _bids(dataset, url, *so) == 0
     assert "0 denoised, 4 skipped, 0 failed" in _lines(capsys)[-1]
+
+
+def test_zarr_outputs_are_recognised_as_done(tmp_path, capsys):
+    for name, seed in (("a", 1), ("b", 2)):
+        write_dwi(tmp_path / f"{name}.nii.gz", shape=(8, 7, 6), seed=seed)
+        assert main(["convert", str(tmp_path / f"{name}.nii.gz"),
+                     str(tmp_path / f"{name}.zarr"), "--quiet"]) == 0
+    argv = ["denoise", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "--out-dir",
+            str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 0
+    assert "2 denoised, 0 skipped, 0 failed" in _lines(capsys)[-1]
+    assert main(argv) == 0
+    assert "0 denoised, 2 skipped, 0 failed" in _lines(capsys)[-1]
+    assert main(argv + ["--model", "ridge"]) == 0  # another option: redone
+    lines = _lines(capsys)
+    assert "2 denoised, 0 skipped, 0 failed" in lines[-1]
+    assert any("redone: the options changed" in line for line in lines), lines
+
+
+def test_sidecar_fields_travel_through_a_store(tmp_path):
+    write_dwi(tmp_path / "dwi.nii.gz", shape=(8, 7, 6))
+    (tmp_path / "dwi.json").write_text(json.dumps({"EchoTime": 0.089,
+                                                   "PhaseEncodingDirection": "j-"}))
+    assert main(["convert", str(tmp_path / "dwi.nii.gz"), str(tmp_path / "s.zarr"),
+                 "--quiet"]) == 0
+    assert main(["convert", str(tmp_path / "s.zarr"), str(tmp_path / "back.nii.gz"),
+                 "--quiet"]) == 0
+    back = json.loads((tmp_path / "back.json").read_text())
+    assert back == {"EchoTime": 0.089, "PhaseEncodingDirection": "j-"}
+    assert main(["denoise", str(tmp_path / "s.zarr"), str(tmp_path / "o.nii.gz"),
+                 "--quiet"]) == 0
+    side = json.loads((tmp_path / "o.json").read_text())
+    assert side["EchoTime"] == 0.089 and side["PhaseEncodingDirection"] == "j-"
+    assert side["Sources"] == [str(tmp_path / "s.zarr")]

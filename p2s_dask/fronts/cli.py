@@ -207,12 +207,13 @@ def _convert_to_nifti(args, common):
     from ..io.urls import exists
     _, meta = open_dwi_array(args.input, args.storage_options)
     urls = sidecar_urls(args.output)
-    wanted = [urls[".bval"]] * (meta.bvals is not None) + [urls[".bvec"]] * (meta.bvecs is not None)
+    wanted = [urls[".bval"]] * (meta.bvals is not None) + [urls[".bvec"]] * (meta.bvecs is not None) \
+        + [urls[".json"]] * (meta.sidecar is not None)
     taken = [u for u in wanted if exists(u, args.storage_options)]
     if taken and not args.overwrite:
         raise InputError(f"{taken[0]} exists; use --overwrite to replace it")
     zarr_to_nifti(args.input, args.output, **common)
-    write_sidecars(args.output, bvals=meta.bvals, bvecs=meta.bvecs,
+    write_sidecars(args.output, bvals=meta.bvals, bvecs=meta.bvecs, metadata=meta.sidecar,
                    storage_options=args.storage_options)
 
 

@@ -86,6 +86,10 @@ class DwiMeta:
         has none.
     bvals : ndarray, shape (n,), or None
     bvecs : ndarray, shape (3, n), or None
+    sidecar : dict or None
+        The image's BIDS ``.json`` sidecar fields (EchoTime, ...; for our
+        outputs also ``Sources`` and what made them): a store keeps them in
+        its attributes, so they come back beside a NIfTI made from it.
     """
 
     header: bytes
@@ -97,6 +101,7 @@ class DwiMeta:
     inter: float = 0.0
     bvals: np.ndarray | None = None
     bvecs: np.ndarray | None = None
+    sidecar: dict | None = None
 
     # -- derived -----------------------------------------------------------
 
@@ -280,6 +285,10 @@ class DwiMeta:
         bvals, bvecs = _gradients(bvals, bvecs, self.shape[3])
         return dataclasses.replace(self, bvals=bvals, bvecs=bvecs)
 
+    def with_sidecar(self, sidecar: dict | None) -> DwiMeta:
+        """A copy with these sidecar fields (a JSON object, or None)."""
+        return dataclasses.replace(self, sidecar=None if sidecar is None else dict(sidecar))
+
     # -- JSON (Zarr attributes) ------------------------------------------
 
     def to_json(self) -> dict:
@@ -294,6 +303,7 @@ class DwiMeta:
             "scl_inter": self.inter,
             "bvals": None if self.bvals is None else self.bvals.tolist(),
             "bvecs": None if self.bvecs is None else self.bvecs.tolist(),
+            **({"sidecar": self.sidecar} if self.sidecar is not None else {}),
         }
 
     @classmethod
@@ -309,4 +319,5 @@ class DwiMeta:
             inter=float(d["scl_inter"]),
             bvals=None if d.get("bvals") is None else np.asarray(d["bvals"], np.float64),
             bvecs=None if d.get("bvecs") is None else np.asarray(d["bvecs"], np.float64),
+            sidecar=d["sidecar"] if isinstance(d.get("sidecar"), dict) else None,
         )

@@ -31,6 +31,7 @@ from .malloc import return_freed_memory, trim
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader, NiftiWriter
 from .scratch import BlockScratch, for_each_block
+from .sidecars import read_json_sidecar
 from .urls import exists, is_local, kind_of, local_path, user_errors
 from .chunk_io import ShardAppender, read_volumes, reads_volumes, require_all_chunks
 from .zarr_store import (
@@ -142,6 +143,8 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
         raise OutputExistsError(f"{os.fspath(dst)} already exists")
     with NiftiReader(src, storage_options) as reader:
         meta = reader.meta.with_gradients(*_gradient_table(src, bvals, bvecs, storage_options))
+        # the BIDS sidecar's fields travel in the store's attributes
+        meta = meta.with_sidecar(read_json_sidecar(src, storage_options))
         # the chunk policy counts values as denoising holds a store's blocks
         # (float data as stored, else float64: pipeline.working_itemsize), so
         # denoise reads these chunks as they are

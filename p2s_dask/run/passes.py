@@ -389,7 +389,9 @@ def make_sink(state: Execution, slope=1.0, sample=None):
     run, mode = state.run, state.plan.output_mode
     if mode not in SINKS:
         raise ValueError(f"a file run cannot write a {mode.value} output")
-    out_meta = run.meta.for_values(run.out_dtype, run.shape, slope=slope)
+    # a store keeps what made it in its attributes, as a NIfTI's .json does
+    out_meta = run.meta.for_values(run.out_dtype, run.shape, slope=slope).with_sidecar(
+        provenance(run))
     codec = None if sample is None else compressor_for(sample, run.out_dtype)
     return SINKS[mode](state, out_meta, codec)
 

@@ -218,7 +218,8 @@ def describe_run(inp, out, bvals, bvecs, opts: Options) -> Run:
     # outputs carry the gradients (a Zarr store's arrays, a NIfTI's sidecars)
     meta = meta.with_gradients(bvals, None if bvecs is None else
                                np.asarray(bvecs, float).reshape(3, -1))
-    sidecar = read_json_sidecar(inp, opts.storage_options) if in_kind == "nifti" else None
+    sidecar = read_json_sidecar(inp, opts.storage_options) if in_kind == "nifti" \
+        else meta.sidecar
     labels = group_labels(opts.groups, bvals, opts.b0_threshold, opts.storage_options)
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
                          b0_denoising=opts.b0_denoising, groups=labels)

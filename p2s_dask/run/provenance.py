@@ -17,7 +17,8 @@ import numpy as np
 
 from .. import __version__
 from ..io.sidecars import sidecar_urls
-from ..io.urls import exists, fs_and_path
+from ..errors import InputError
+from ..io.urls import exists, fs_and_path, kind_of
 from .workstore import content_hash, fingerprint
 
 
@@ -66,16 +67,29 @@ def why_redone(recorded: dict, current: dict) -> str:
 
 
 def recorded_fingerprint(out, storage_options=None) -> dict | None:
-    """The fingerprint recorded with an existing output (None: none, or not
-    a NIfTI with our sidecar)."""
-    url = sidecar_urls(out)[".json"] if str(out).endswith((".nii", ".nii.gz")) else None
-    if url is None or not exists(url, storage_options):
+    """The fingerprint recorded with an existing output: in a NIfTI's
+    ``.json`` sidecar, or in a store's attributes (None: there is none)."""
+    side = _recorded_sidecar(out, storage_options)
+    try:
+        value = side["P2SDask"]["Fingerprint"]
+    except (KeyError, TypeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _recorded_sidecar(out, storage_options):
+    if kind_of(out) == "zarr":
+        from ..io.zarr_store import open_dwi_array
+        try:
+            return open_dwi_array(out, storage_options)[1].sidecar
+        except InputError:  # not ours, or not complete: nothing recorded
+            return None
+    url = sidecar_urls(out)[".json"]
+    if not exists(url, storage_options):
         return None
     fs, path = fs_and_path(url, storage_options)
     try:
         with fs.open(path, "rb") as fh:
-            side = json.loads(fh.read(16 << 20).decode("utf-8"))
-        value = side["P2SDask"]["Fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
+            return json.loads(fh.read(16 << 20).decode("utf-8"))
+    except (OSError, ValueError):
         return None
-    return value if isinstance(value, dict) else None
