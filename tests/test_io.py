@@ -30,7 +30,7 @@ from p2s_dask.io import (
     zarr_to_nifti,
 )
 from p2s_dask.io.budget import plan
-from p2s_dask.io.layout import to_c_order, to_f_order
+from p2s_dask.io.axis_order import to_c_order, to_f_order
 from p2s_dask.io.urls import describe_error, fs_and_path
 
 MiB = 1 << 20

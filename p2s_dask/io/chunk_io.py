@@ -42,7 +42,7 @@ from zarr.storage import FsspecStore, LocalStore
 from ..errors import DataError, InputError
 from .background import BackgroundWriter, WriterPool
 from .direct_io import ALIGN, RunWriter
-from .layout import to_c_order, to_f_order
+from .axis_order import to_c_order, to_f_order
 from .scratch import for_each_block
 from .urls import user_errors
 

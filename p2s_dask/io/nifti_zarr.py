@@ -26,7 +26,7 @@ from ..errors import InputError
 from .background import run_pipelined
 from .budget import DEFAULT_MEMORY_LIMIT, parse_memory_limit, plan, store_itemsize
 from .fsl import fsl_siblings, read_bvals, read_bvecs
-from .layout import to_f_order
+from .axis_order import to_f_order
 from .malloc import return_freed_memory, trim
 from .meta import DwiMeta
 from .nifti_stream import NiftiReader, NiftiWriter
