@@ -168,7 +168,7 @@ def test_out_may_not_replace_the_mask_or_gradients(data, tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.ones((24, 22, 10), np.uint8), np.eye(4)), str(mask))
     before = mask.read_bytes()
     err = one_line_error(capsys, "denoise", data["gz"], mask, "--mask", mask, "--overwrite")
-    assert "replace the input file" in err and mask.read_bytes() == before
+    assert "never writes over what it reads" in err and mask.read_bytes() == before
 
 
 # -- resuming only what matches ----------------------------------------------

@@ -125,7 +125,7 @@ def _name(w) -> str:
 
 def _no_write_touches_a_read(writes, reads) -> None:
     by_key = {r.place.key: r for r in reads}
-    inodes = _inodes(r.place for r in reads)
+    inodes = _inodes(reads)
     for w in writes:
         hit = by_key.get(w.place.key) or next(
             (by_key[p] for p in _parents(w.place.key) if p in by_key), None)
@@ -146,13 +146,14 @@ def _no_write_touches_a_read(writes, reads) -> None:
                              "choose another path")
 
 
-def _inodes(places) -> dict:
+def _inodes(reads) -> dict:
+    """``{(device, inode): read}`` of the local reads that exist."""
     out = {}
-    for p in places:
-        if p.local:
-            ino = _inode(p.key)
+    for r in reads:
+        if r.place.local:
+            ino = _inode(r.place.key)
             if ino is not None:
-                out[ino] = p
+                out[ino] = r
     return out
 
 
