@@ -23,11 +23,18 @@ import os
 
 from ..errors import InputError
 
-__all__ = ["DEFAULT_MEMORY_LIMIT", "MIN_MEMORY_LIMIT", "parse_memory_limit", "size_text",
-           "check_worker_share"]
+__all__ = ["AUTO", "DEFAULT_MEMORY_LIMIT", "MIN_MEMORY_LIMIT", "auto_memory_limit",
+           "check_worker_share", "parse_memory_limit", "size_text"]
 
-DEFAULT_MEMORY_LIMIT = 2 << 30
 MIN_MEMORY_LIMIT = 64 << 20
+# the default budget, as Dask's memory_limit='auto': this share of the memory
+# the process may use (the machine's RAM or its cgroup's limit, the smaller)
+AUTO = "auto"
+AUTO_SHARE = 0.5
+# where a container's memory limit is (cgroup v2, then v1); "max" or a huge
+# number means none
+CGROUP_LIMIT_FILES = ("/sys/fs/cgroup/memory.max",
+                      "/sys/fs/cgroup/memory/memory.limit_in_bytes")
 # tests only: a lower floor lets small test images take the out-of-core
 # paths (streamed slabs, scratch files) that real data takes at real budgets
 MIN_MEMORY_ENV = "P2S_DASK_MIN_MEMORY_LIMIT"
@@ -47,6 +54,35 @@ def size_text(nbytes: int) -> str:
         if nbytes >= size:
             return f"{nbytes / size:.4g} {unit}"
     return f"{nbytes} B"
+
+
+def _cgroup_limit() -> int | None:
+    for path in CGROUP_LIMIT_FILES:
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 1 << 60:  # v1 writes 2**63 - 4096 for none
+            return int(text)
+        return None
+    return None
+
+
+def machine_memory() -> int:
+    """The memory this process may use: the machine's RAM, or its cgroup's
+    (container's) limit when that is smaller."""
+    import psutil
+
+    total = int(psutil.virtual_memory().total)
+    limit = _cgroup_limit()
+    return min(total, limit) if limit else total
+
+
+def auto_memory_limit() -> int:
+    """The default budget: :data:`AUTO_SHARE` of :func:`machine_memory`
+    (never under the least workable budget)."""
+    return max(least_memory_limit(), int(AUTO_SHARE * machine_memory()))
 
 
 def least_memory_limit() -> int:
@@ -85,6 +121,9 @@ def parse_memory_limit(memory_limit) -> int:
     from .options import spell_value
 
     value = None
+    if memory_limit is None or (isinstance(memory_limit, str)
+                                and memory_limit.strip().lower() == AUTO):
+        return auto_memory_limit()
     if isinstance(memory_limit, str) and memory_limit.strip():
         try:
             value = parse_bytes(memory_limit)
@@ -126,3 +165,8 @@ def check_worker_share(memory_limit, workers) -> None:
             f"{size_text(budget // workers)}, below the least workable budget, "
             f"{size_text(least)}; give at least {size_text(least * workers)} or fewer "
             f"{spell('workers')}")
+
+
+# what a run gets when nobody names a budget (the int for code that needs
+# bytes at import time, e.g. an executor's default argument)
+DEFAULT_MEMORY_LIMIT = auto_memory_limit()

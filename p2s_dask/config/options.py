@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 
 from ..errors import InputError
-from .budget import DEFAULT_MEMORY_LIMIT, size_text
+from .budget import AUTO, AUTO_SHARE, DEFAULT_MEMORY_LIMIT, size_text
 
 # how the current front spells option names in messages: 'api' or 'cli'
 _FRONT = contextvars.ContextVar("p2s_front", default="api")
@@ -123,9 +123,12 @@ class Options:
         "--chunks", "spatial chunk shape X,Y,Z (default: from the memory budget)",
         metavar="X,Y,Z"))
     # -- options that say how the work runs
-    memory_limit: object = field(default=size_text(DEFAULT_MEMORY_LIMIT), metadata=_opt(
+    memory_limit: object = field(default=AUTO, metadata=_opt(
         "--memory-limit", "memory budget of a local run, shared by its workers; on a "
-        "cluster each worker's own limit rules, this one for workers without one",
+        "cluster each worker's own limit rules, this one for workers without one "
+        f"(default: auto, {AUTO_SHARE * 100:.0f}%% of the memory this process may use, the "
+        f"smaller of the machine's RAM and its cgroup limit; here "
+        f"{size_text(DEFAULT_MEMORY_LIMIT)})",
         api=False))
     workers: object = field(default=None, metadata=_opt(
         "--workers", "local worker processes (default: threads in this process)",
