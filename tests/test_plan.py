@@ -470,21 +470,50 @@ def test_one_chunk_policy():
     assert {"planning/plan.py", "io/budget.py", "graph/engine.py"} <= callers
 
 
-def _long_functions(path, limit):
-    tree = ast.parse(path.read_text())
-    out = []
-    for node in ast.walk(tree):
+def _functions(path):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            length = node.end_lineno - node.lineno + 1
-            if length > limit:
-                out.append(f"{path.name}:{node.name} ({length} lines)")
-    return out
+            yield node
+
+
+def _code_lines(node) -> int:
+    """Lines of a function, its docstring left out."""
+    first = node.body[0]
+    doc = (first.end_lineno - first.lineno + 1) if isinstance(first, ast.Expr) \
+        and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str) else 0
+    return node.end_lineno - node.lineno + 1 - doc
+
+
+def _parameters(node) -> int:
+    a = node.args
+    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    return len([n for n in names if n not in ("self", "cls")])
 
 
 def test_functions_fit_on_a_screen():
+    """No function over 60 lines of code outside testing/."""
     files = [p for p in PACKAGE.rglob("*.py") if "testing" not in p.parts]
-    long = [f for path in files for f in _long_functions(path, 60)]
+    long = [f"{p.relative_to(PACKAGE)}:{f.name} ({_code_lines(f)})"
+            for p in files for f in _functions(p) if _code_lines(f) > 60]
     assert not long, long
+
+
+def test_run_path_functions_take_few_parameters():
+    """At most 7 parameters in the run path (planning, run, graph, core); the
+    public ``patch2self`` keeps DIPY's signature."""
+    files = [p for folder in ("planning", "run", "graph", "core")
+             for p in (PACKAGE / folder).rglob("*.py")]
+    many = [f"{p.relative_to(PACKAGE)}:{f.name} ({_parameters(f)})"
+            for p in files for f in _functions(p) if _parameters(f) > 7]
+    assert not many, many
+
+
+def test_the_top_holds_only_faces_and_subpackages():
+    faces = {"__init__.py", "api.py", "cli.py", "errors.py", "datasets.py"}
+    top = {p.name for p in PACKAGE.iterdir() if p.is_file() and p.suffix == ".py"}
+    assert top == faces
+    assert {"fronts", "config", "planning", "run", "graph", "core", "io"} <= {
+        p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
 
 
 def test_cli_is_built_from_the_options():

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InputError
+from ..io.sidecars import read_json
 from ..io.urls import exists, fs_and_path, join, user_errors
 from ..planning.manifest import How, Manifest, Place, Write
 from ..planning.paths import folders_between
@@ -150,15 +151,15 @@ def description_is_ours(output_dir, storage_options=None) -> bool:
         When it has one of another tool or one that is not JSON.
     """
     url = description_url(output_dir)
-    if not exists(url, storage_options):
-        return False
-    fs, path = fs_and_path(url, storage_options)
-    with user_errors(url, "reading"), fs.open(path, "rb") as fh:
-        data = fh.read(1 << 20)
     try:
-        old = json.loads(data.decode("utf-8"))
+        old = read_json(url, storage_options)
+    except InputError:
+        old = {}  # not JSON: not ours either
+    if old is None:
+        return False
+    try:
         names = [g.get("Name") for g in old.get("GeneratedBy", [])]
-    except (ValueError, AttributeError, TypeError):
+    except (AttributeError, TypeError):
         names = []
     if "p2s-dask" not in names:
         raise InputError(f"{url} belongs to another dataset (not made by p2s-dask); "

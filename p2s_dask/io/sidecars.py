@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import InputError
 from .urls import exists, fs_and_path, is_local, local_path, strip_suffix, user_errors
 
-__all__ = ["SIDECAR_SUFFIXES", "read_json_sidecar", "sidecar_urls", "write_sidecars"]
+__all__ = ["SIDECAR_SUFFIXES", "read_json", "read_json_sidecar", "sidecar_urls",
+           "write_sidecars"]
 
 SIDECAR_SUFFIXES = (".bval", ".bvec", ".json")
 
@@ -28,18 +29,23 @@ def sidecar_urls(nifti_url) -> dict:
     return {s: stem + s for s in SIDECAR_SUFFIXES}
 
 
-def read_json_sidecar(nifti_url, storage_options=None) -> dict | None:
-    """The BIDS ``.json`` sidecar of a NIfTI, or None when there is none."""
-    url = sidecar_urls(nifti_url)[".json"]
+def read_json(url, storage_options=None):
+    """The JSON document at ``url`` (at most 16 MiB), or None when there is
+    none; one-line :class:`InputError` when it is not JSON."""
     if not exists(url, storage_options):
         return None
     fs, path = fs_and_path(url, storage_options)
     with user_errors(url, "reading"), fs.open(path, "rb") as fh:
         data = fh.read(16 << 20)
     try:
-        value = json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
-        raise InputError(f"{url}: not a JSON sidecar") from None
+        raise InputError(f"{url}: not a JSON document") from None
+
+
+def read_json_sidecar(nifti_url, storage_options=None) -> dict | None:
+    """The BIDS ``.json`` sidecar of a NIfTI, or None when there is none."""
+    value = read_json(sidecar_urls(nifti_url)[".json"], storage_options)
     return value if isinstance(value, dict) else None
 
 

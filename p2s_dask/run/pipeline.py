@@ -44,7 +44,7 @@ from ..planning.plan import Data, Endpoint, Settings, Workers, make_plan
 from .passes import execute
 from ..planning.checker import check
 from ..planning.manifest import canonical
-from ..planning.paths import WORK_SUFFIX, run_manifest, work_url
+from ..planning.paths import run_manifest, work_url
 from .lock import output_lock
 from .threads import single_threaded_blas
 from ..config.validate import (check_bvals, check_fit_voxels, check_options, check_precision,
@@ -416,7 +416,7 @@ def dry_run_lines(inp, out, opts: Options, bvals=None, bvecs=None) -> list:
             f"  data: {'x'.join(map(str, run.shape))} {run.meta.raw_dtype}"
             f"{' (scaled)' if run.meta.scaled else ''}, radius {list(run.radius)}, "
             f"model {run.model}, output {run.out_dtype}",
-            f"  groups: " + ", ".join(f"{g.name} ({len(g.indices)} volumes"
+            "  groups: " + ", ".join(f"{g.name} ({len(g.indices)} volumes"
                                       f"{'' if g.denoise else ', passed through'})"
                                       for g in run.groups),
             f"  executor: {where}"]

@@ -16,9 +16,9 @@ import json
 import numpy as np
 
 from .. import __version__
-from ..io.sidecars import sidecar_urls
+from ..io.sidecars import read_json, sidecar_urls
 from ..errors import InputError
-from ..io.urls import exists, fs_and_path, kind_of
+from ..io.urls import kind_of
 from .workstore import content_hash, fingerprint
 
 
@@ -84,12 +84,7 @@ def _recorded_sidecar(out, storage_options):
             return open_dwi_array(out, storage_options)[1].sidecar
         except InputError:  # not ours, or not complete: nothing recorded
             return None
-    url = sidecar_urls(out)[".json"]
-    if not exists(url, storage_options):
-        return None
-    fs, path = fs_and_path(url, storage_options)
     try:
-        with fs.open(path, "rb") as fh:
-            return json.loads(fh.read(16 << 20).decode("utf-8"))
-    except (OSError, ValueError):
+        return read_json(sidecar_urls(out)[".json"], storage_options)
+    except InputError:  # not JSON: nothing of ours recorded
         return None
