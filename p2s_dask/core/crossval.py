@@ -470,6 +470,9 @@ def score_group(folds: Sequence[Stats | Callable[[], Stats]], radius, radii=None
     if total is None:
         total = merge_all(_formed(f) for f in folds)
     m = total.n_features // p_big
+    if m < 2:  # one volume: nothing to regress it on (passed through)
+        return {"volumes": int(m), "radius": list(radius), "count": int(total.count),
+                "fold_counts": [], "scale": None, "candidates": []}
     radii = candidate_radii(radius) if radii is None else [tuple(int(x) for x in r)
                                                            for r in radii]
     if penalties is None:
@@ -480,6 +483,9 @@ def score_group(folds: Sequence[Stats | Callable[[], Stats]], radius, radii=None
     for k, fold in enumerate(folds):
         fold = _formed(fold)
         counts.append(int(fold.count))
+        if fold.count >= total.count:
+            raise ValueError("cross-validation needs two non-empty folds: fold "
+                             f"{k} holds all {total.count} fitting voxels")
         for r in radii:
             idx = sub_features(radius, r, m)
             rows = [i for i, s in enumerate(settings) if s.radius == r]
@@ -492,8 +498,6 @@ def score_group(folds: Sequence[Stats | Callable[[], Stats]], radius, radii=None
 def _table(settings, errors, total, counts, radius, penalties, p_big) -> dict:
     """The plain-data table of :func:`score_group`."""
     m = errors.shape[2]
-    if len(counts) - counts.count(0) < 2:
-        raise ValueError(f"cross-validation needs two non-empty folds, got counts {counts}")
     rows = []
     for s, e in zip(settings, errors):
         row = s.as_dict()
@@ -531,9 +535,9 @@ def score(groups: Mapping[str, Sequence], radius, radii=None, penalties=None,
     for name, folds in groups.items():
         own = penalties.get(name) if isinstance(penalties, Mapping) else penalties
         n_folds = max(n_folds, len(folds))
-        tables[name] = score_group(folds, radius, radii, own, ols)
-        if tables[name]["volumes"] < 2:
-            del tables[name]
+        table = score_group(folds, radius, radii, own, ols)
+        if table["candidates"]:
+            tables[name] = table
     return {"n_folds": n_folds, "radius": [int(r) for r in radius], "groups": tables}
 
 

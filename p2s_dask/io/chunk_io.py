@@ -15,6 +15,8 @@ with other codecs go through Zarr.
 (x, y, z, volumes) whatever its stored order; for the NIfTI-Zarr layout
 (t, z, y, x) a volume-major block (a NIfTI slab, a prediction) is the C
 order of the stored array, so it is stored without a copy.
+:class:`ForeignArray` shows another tool's image the same way, for reading
+through Zarr (any codecs, Zarr v2 or v3, any axis order).
 """
 
 from __future__ import annotations
@@ -121,8 +123,70 @@ class DwiArray:
         self.zarr[self.native_region(region)] = self.native_values(values)
 
 
+class ForeignArray:
+    """Another tool's image array seen in NIfTI's axis order (x, y, z,
+    volumes), for reading: any axis order, Zarr v2 or v3, any codecs and
+    chunking (Zarr decodes it), axes of length 1 (a channel) left out.
+
+    Parameters
+    ----------
+    array : zarr.Array
+    order : tuple of 4 ints
+        The stored axis of x, y, z and the volumes.
+    drop : tuple of ints, optional
+        Stored axes of length 1 that NIfTI does not have.
+    """
+
+    ndim = 4
+    complete = False  # a missing chunk is the fill value (the Zarr specification)
+
+    def __init__(self, array, order, drop=()):
+        self.zarr, self.order, self.drop = array, tuple(order), tuple(drop)
+        kept = [i for i in range(array.ndim) if i not in self.drop]
+        # where each NIfTI axis is once the dropped axes are indexed away
+        self._perm = tuple(kept.index(i) for i in self.order)
+
+    @property
+    def shape(self):
+        return tuple(self.zarr.shape[i] for i in self.order)
+
+    @property
+    def chunks(self):
+        """One stored chunk's shape (clipped to the image), NIfTI order."""
+        return tuple(min(grid(self.zarr)[i], self.zarr.shape[i]) for i in self.order)
+
+    @property
+    def dtype(self):
+        return self.zarr.dtype
+
+    @property
+    def store(self):
+        return self.zarr.store
+
+    def _native_region(self, region) -> tuple:
+        region = _normalized_region(self, region)
+        native = [0] * self.zarr.ndim
+        for axis, s in zip(self.order, region):
+            native[axis] = s
+        return tuple(native)
+
+    def __getitem__(self, region):
+        """Values of a region of slices, NIfTI order (a transposed view)."""
+        return self.zarr[self._native_region(region)].transpose(self._perm)
+
+    def to_dask(self) -> da.Array:
+        """The image as a lazy dask array, one task per stored chunk."""
+        values = da.from_zarr(self.zarr)
+        if self.drop:
+            values = values[tuple(0 if i in self.drop else slice(None)
+                                  for i in range(values.ndim))]
+        return values.transpose(self._perm)
+
+
 def _native(array):
     """``(zarr array, DwiArray or None)`` of what a caller passed."""
+    if isinstance(array, ForeignArray):
+        return array.zarr, None
     return (array.zarr, array) if isinstance(array, DwiArray) else (array, None)
 
 
@@ -142,7 +206,7 @@ def read_chunks(array, url=None) -> da.Array:
 
     Parameters
     ----------
-    array : DwiArray or zarr.Array
+    array : DwiArray, ForeignArray or zarr.Array
     url : str, optional
         The store, for error messages (default: from the array).
 
@@ -159,6 +223,9 @@ def read_chunks(array, url=None) -> da.Array:
         When computed, for a damaged chunk; at once, for a missing one of a
         store we completed whose codecs Zarr decodes (found by one listing).
     """
+    if isinstance(array, ForeignArray):
+        # another tool's codecs and axis order: Zarr decodes, Dask transposes
+        return array.to_dask()
     native, view = _native(array)
     url = _array_url(native) if url is None else os.fspath(url)
     codec = _ChunkCodec.of(native)

@@ -170,10 +170,10 @@ class Manifest:
     def lines(self) -> list:
         """The manifest as text, one place a line (for ``--dry-run``)."""
         out = ["reads:"]
-        out += [f"  {r.role:<12} {r.place.url}" + (f"  [{r.run}]" if r.run else "")
+        out += [f"  {r.role:<16} {r.place.url}" + (f"  [{r.run}]" if r.run else "")
                 for r in self.reads]
         out.append("writes:")
-        out += [f"  {w.role:<12} {w.how.value:<7} {w.place.url}" + (f"  [{w.run}]" if w.run else "")
+        out += [f"  {w.role:<16} {w.how.value:<7} {w.place.url}" + (f"  [{w.run}]" if w.run else "")
                 for w in self.writes]
         return out
 
