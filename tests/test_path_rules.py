@@ -191,3 +191,13 @@ def test_abbreviations_are_not_options(inputs, tmp_path, capsys):
                  str(tmp_path / "r.html"), "--quiet"]) == 2
     assert "unrecognized arguments: --report" in capsys.readouterr().err
     assert not (tmp_path / "r.html").exists() and not out.exists()
+
+
+def test_an_unknown_protocol_is_one_line_naming_the_option(inputs, tmp_path, capsys):
+    assert main(["denoise", str(inputs["input"]), "foo://x/o.nii.gz", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("p2s-dask: error: OUT (foo://x/o.nii.gz): unknown URL protocol")
+    assert main(["denoise", str(inputs["input"]), str(tmp_path / "o.nii.gz"),
+                 "--report-json", "foo://x/r.json", "--quiet"]) == 2
+    assert "--report-json (foo://x/r.json): unknown URL protocol" in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()

@@ -262,7 +262,7 @@ def _denoise_one(args, opts, inp, out):
     from ..run.targets import put_text
     manifest = run_manifest(inp, out, opts, bvals=args.bvals, bvecs=args.bvecs) \
         + front_manifest(report_json=args.report_json, log_file=args.log_file)
-    check(manifest, overwrite=opts.overwrite, ours=unfinished_work(out, opts),
+    check(manifest, overwrite=opts.overwrite, ours=lambda: unfinished_work(out, opts),
           storage_options=opts.storage_options)
     if args.dry_run:
         return _dry_run(args, opts, [(inp, out)], manifest)

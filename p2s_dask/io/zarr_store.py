@@ -31,8 +31,10 @@ In any other tool's store a missing chunk is the fill value, as the Zarr
 specification says, and one warning says how many there are.
 
 Stores of our format 1 (array ``dwi``, axes (x, y, z, n), attributes on the
-group) are still read, for one release. Any other OME-Zarr / NIfTI-Zarr 4D
-image is read as input (:func:`open_dwi`), rechunked by Dask as needed.
+group) are still read, for one release. Any other OME-Zarr (0.4, 0.5, 0.6) /
+NIfTI-Zarr 4D image, on Zarr v2 or v3, is read as input (:func:`open_dwi`,
+rechunked by Dask as needed) and converted (:func:`open_image`), both through
+:func:`_foreign_image`: its header, if it has one, else its OME metadata.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import dask.array as da
 import numcodecs.blosc
 import numpy as np
 import zarr
+from nibabel.spatialimages import HeaderDataError
 from zarr.codecs import BloscCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -61,6 +64,7 @@ from .budget import normalize_chunks
 from .chunk_io import (  # noqa: F401 - re-exported: the store's chunk I/O
     ARRAY_CONFIG,
     DwiArray,
+    ForeignArray,
     _array_url,
     finish_region_writes,
     missing_chunks,
@@ -87,6 +91,7 @@ __all__ = [
     "mark_complete",
     "open_dwi",
     "open_dwi_array",
+    "open_image",
     "probe_store",
     "read_chunks",
     "store_state",
@@ -314,13 +319,15 @@ def _inspect(url, storage_options, mode="r"):
 
     kind: ``'ours'`` (complete, with its root group), ``'pending'`` (ours,
     being written), ``'legacy'`` (our format 1), ``'newer'`` (ours, from a
-    newer p2s-dask), ``'foreign'`` (another OME-Zarr image) or ``'none'``.
+    newer p2s-dask), ``'foreign'`` (another OME-Zarr image, Zarr v2 or v3)
+    or ``'none'``.
     Storage errors (access denied, no connection) raise InputError.
     """
     store = zarr_store(url, storage_options, read_only=mode == "r")
     with user_errors(url, "reading"):
         try:
-            group = zarr.open_group(store, mode=mode, zarr_format=3)
+            # Zarr v2 too: other tools' images (OME-Zarr 0.4, nifti-zarr's v2)
+            group = zarr.open_group(store, mode=mode, zarr_format=None)
         except (zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError,
                 FileNotFoundError, ValueError, KeyError, TypeError):
             # ValueError covers a zarr.json cut short (json's JSONDecodeError)
@@ -408,9 +415,13 @@ def _refuse_kind(url, kind) -> None:
     if kind == "newer":
         raise InputError(f"{os.fspath(url)} was written by a newer p2s-dask; upgrade "
                          "p2s-dask to read it")
-    if kind in ("none", "foreign"):
-        raise InputError(f"{os.fspath(url)} is not a p2s-dask DWI store (a NIfTI-Zarr "
-                         "image made by p2s-dask)")
+    if kind == "none":
+        raise InputError(f"{os.fspath(url)} is not a p2s-dask DWI store, nor an OME-Zarr "
+                         "or NIfTI-Zarr image")
+    if kind == "foreign":
+        # only our own stores are written into or completed
+        raise InputError(f"{os.fspath(url)} is not a p2s-dask DWI store (it is another "
+                         "tool's OME-Zarr image)")
 
 
 def open_dwi(url, storage_options=None, require_complete=True):
@@ -446,30 +457,56 @@ def open_dwi(url, storage_options=None, require_complete=True):
     _require_present(url, storage_options)
     kind, _, group = _inspect(url, storage_options)
     if kind == "foreign":
-        raw, meta = _foreign_image(url, group, count_missing=True)
-        return meta.apply_scaling(raw), meta
-    array, meta = open_dwi_array(url, storage_options, require_complete)
+        array, meta = _foreign_image(url, group, count_missing=True)
+    else:
+        array, meta = open_dwi_array(url, storage_options, require_complete)
     return meta.apply_scaling(read_chunks(array, url)), meta
 
 
+def open_image(url, storage_options=None):
+    """The stored raw array and meta of any store p2s-dask reads, for
+    reading: one of ours (complete), our format 1, or another tool's
+    OME-Zarr / NIfTI-Zarr image, read as :func:`open_dwi` reads it.
+
+    Parameters
+    ----------
+    url : str or os.PathLike
+    storage_options : dict, optional
+
+    Returns
+    -------
+    array : DwiArray or ForeignArray
+        Raw values, NIfTI axis order (x, y, z, n); ``array[region]`` reads.
+    meta : DwiMeta
+        From our attributes; for another tool's image from its ``nifti``
+        header if it has one, else from its OME metadata. In another tool's
+        image a missing chunk is the fill value, and one warning says how
+        many are missing.
+    """
+    _require_present(url, storage_options)
+    kind, _, group = _inspect(url, storage_options)
+    if kind == "foreign":
+        return _foreign_image(url, group, count_missing=True)
+    return open_dwi_array(url, storage_options)
+
+
 def _foreign_image(url, group, count_missing=False):
-    """``(raw dask array in NIfTI order, meta)`` of another tool's image;
-    ``count_missing``: warn of the chunks it lacks (read as the fill value)."""
+    """``(ForeignArray, meta)`` of another tool's image; ``count_missing``:
+    warn of the chunks it lacks (read as the fill value)."""
     path, names = ome.image_axes(dict(group.attrs), os.fspath(url))
     with user_errors(url, "reading"):
         try:
             array = group[path]
         except KeyError:
-            raise InputError(f"{os.fspath(url)}: its image array '{path}' is missing") from None
+            array = None
+    if not isinstance(array, zarr.Array):
+        raise InputError(f"{os.fspath(url)}: its image array '{path}' is missing")
+    order, drop = ome.to_nifti_axes(names, array.shape, os.fspath(url))
+    view = ForeignArray(array, order, drop)
+    meta = _foreign_meta(url, group, view)
     if count_missing:
         _warn_missing(url, array)
-    perm, drop = ome.to_nifti_axes(names, array.shape, os.fspath(url))
-    raw = da.from_zarr(array)
-    if drop:
-        raw = raw[tuple(0 if i in drop else slice(None) for i in range(raw.ndim))]
-    raw = raw.transpose(perm)
-    meta = _foreign_meta(url, group, raw, names)
-    return raw, meta
+    return view, meta
 
 
 def _warn_missing(url, array) -> None:
@@ -480,31 +517,55 @@ def _warn_missing(url, array) -> None:
     with user_errors(url, "reading"):
         missing, total = missing_chunks(array)
     if missing:
+        # a v2 array's fill value may be null: Zarr then reads zeros
+        fill = array.fill_value if array.fill_value is not None else 0
         logger.warning("%s: %d of its %d chunks are missing; read as the fill value %s, as "
                        "the Zarr specification says", os.fspath(url), len(missing), total,
-                       array.metadata.fill_value)
+                       fill)
 
 
-def _foreign_meta(url, group, raw, names):
-    """Meta from the ``nifti`` header if there is one, else from OME."""
-    bvals, bvecs = (np.asarray(group[n][...], np.float64) if n in group else None
-                    for n in (ome.BVALS_NAME, ome.BVECS_NAME))
+def _foreign_meta(url, group, view):
+    """Meta from the ``nifti`` header if there is one (the authority, as
+    NIfTI-Zarr says: an oblique affine, scaling), else from OME."""
+    with user_errors(url, "reading"):
+        bvals, bvecs = (np.asarray(group[n][...], np.float64) if n in group else None
+                        for n in (ome.BVALS_NAME, ome.BVECS_NAME))
+        header = (np.asarray(group[ome.HEADER_NAME][...], np.uint8).tobytes()
+                  if ome.HEADER_NAME in group else None)
     bvecs = None if bvecs is None else (bvecs.T if bvecs.shape[-1] == 3 else bvecs)
-    if ome.HEADER_NAME in group:
-        data = np.asarray(group[ome.HEADER_NAME][...], np.uint8).tobytes()
-        size = int.from_bytes(data[:4], "little")
-        size = size if size in (348, 540) else int.from_bytes(data[:4], "big")
-        hdr = header_class(data[:size]).from_fileobj(io.BytesIO(data), check=False)
-        hdr.set_data_shape(raw.shape)
-        hdr.set_data_dtype(raw.dtype)
-        meta = DwiMeta.from_header(hdr, bvals=bvals, bvecs=bvecs)
-    else:
-        affine = ome.affine_from_ome(dict(group.attrs), names)
-        meta = DwiMeta.for_array(raw.shape, raw.dtype, affine, bvals, bvecs)
-    if tuple(meta.shape) != tuple(raw.shape):
-        raise InputError(f"{os.fspath(url)}: its header says shape {meta.shape}, its image "
-                         f"has {tuple(raw.shape)}")
-    return meta
+    if header is None:
+        affine = ome.affine_from_ome(dict(group.attrs), os.fspath(url))
+        return DwiMeta.for_array(view.shape, view.dtype, affine, bvals, bvecs)
+    hdr, extra = _stored_header(url, header)
+    dims = tuple(int(d) for d in hdr.get_data_shape())
+    # volumes as a 4th or (nifti-zarr's no_time) a 5th dimension
+    if dims[:3] != view.shape[:3] or int(np.prod(dims[3:])) != view.shape[3]:
+        raise InputError(f"{os.fspath(url)}: its header says shape {dims}, its image "
+                         f"has {view.shape}")
+    hdr.set_data_shape(view.shape)
+    # the stored values are the header's type, as nifti-zarr writes them
+    hdr.set_data_dtype(view.dtype)
+    return DwiMeta.from_header(hdr, extra, bvals=bvals, bvecs=bvecs)
+
+
+def _stored_header(url, data: bytes):
+    """``(header, extra)`` from a ``nifti`` array: the header's bytes, then
+    (if there are extensions) their flag and the extensions; ``extra`` is
+    None without extensions, else the bytes up to the header's data offset."""
+    size = int.from_bytes(data[:4], "little")
+    size = size if size in (348, 540) else int.from_bytes(data[:4], "big")
+    try:
+        hdr = header_class(data[:size]).from_fileobj(io.BytesIO(data[:size]), check=False)
+    except (InputError, ValueError, TypeError, HeaderDataError) as exc:
+        raise InputError(f"{os.fspath(url)}: its 'nifti' array is not a NIfTI header "
+                         f"({exc})") from None
+    extensions = data[size:]
+    if len(extensions) <= 4 or extensions[0] == 0:
+        return hdr, None
+    # the data offset the file had, or one just past the extensions
+    offset = max(int(hdr["vox_offset"]), size + len(extensions))
+    hdr["vox_offset"] = offset
+    return hdr, extensions.ljust(offset - size, b"\0")
 
 
 def probe_store(url, storage_options=None):
@@ -514,8 +575,8 @@ def probe_store(url, storage_options=None):
     _require_present(url, storage_options)
     kind, _, group = _inspect(url, storage_options)
     if kind == "foreign":
-        raw, meta = _foreign_image(url, group)
-        return tuple(raw.shape), meta, None
+        view, meta = _foreign_image(url, group)
+        return view.shape, meta, None
     array, meta = open_dwi_array(url, storage_options)
     return tuple(array.shape), meta, (tuple(array.chunks) if kind == "ours" else None)
 

@@ -42,7 +42,7 @@ def check(manifest: Manifest, *, overwrite=False, ours=frozenset(),
     manifest : Manifest
     overwrite : bool
         The user's ``--overwrite``: existing targets may be replaced.
-    ours : set of str
+    ours : set of str, or a callable returning one
         Keys of existing targets that are the run's own unfinished or
         stale work (replaced or resumed without ``--overwrite``).
     storage_options : dict, optional
@@ -53,6 +53,8 @@ def check(manifest: Manifest, *, overwrite=False, ours=frozenset(),
         One line naming the option and the place.
     """
     check_layout(manifest)
+    if callable(ours):  # looked up only once the layout holds (it reads the targets)
+        ours = ours()
     problems = check_existing(manifest, overwrite=overwrite, ours=ours,
                               storage_options=storage_options)
     if problems:
@@ -200,6 +202,7 @@ def _has_a_folder(w, folders) -> None:
 
 def _writable(w) -> None:
     if not w.place.local:
+        _known_protocol(w)
         return
     parts = w.place.key.split("/")
     bad = next((p for p in parts if _SCHEME_DIR.match(p)), None)
@@ -216,3 +219,13 @@ def _writable(w) -> None:
         raise InputError(f"{_name(w)} cannot be written: {folder} is a file, not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise InputError(f"{_name(w)} cannot be written: no permission to write in {folder}")
+
+
+def _known_protocol(w) -> None:
+    """A URL target names a storage fsspec knows (it is written there, never
+    to a local folder of that name)."""
+    from fsspec.registry import known_implementations, registry
+    protocol = w.place.key.split("://", 1)[0]
+    if protocol not in known_implementations and protocol not in registry:
+        raise InputError(f"{_name(w)}: unknown URL protocol {protocol!r}; use a local "
+                         "path or s3://, gs://, ...")

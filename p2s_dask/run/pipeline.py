@@ -247,7 +247,7 @@ def check_paths(inp, out, bvals, bvecs, opts, manifest=None) -> None:
     """Check the run's manifest (its own, or that its front checked)."""
     own = run_manifest(inp, out, opts, bvals=bvals, bvecs=bvecs)
     if manifest is None:
-        check(own, overwrite=opts.overwrite, ours=unfinished_work(out, opts),
+        check(own, overwrite=opts.overwrite, ours=lambda: unfinished_work(out, opts),
               storage_options=opts.storage_options)
         return
     planned = {w.place.key for w in manifest.writes}
