@@ -14,7 +14,6 @@ NIfTI) reading each chunk at most twice is enough, it is skipped.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import posixpath
 import sys
@@ -40,7 +39,7 @@ from .zarr_store import (
     create_dwi_store,
     discard,
     mark_complete,
-    open_dwi_array,
+    open_image,
     write_region,
     zarr_concurrency,
 )
@@ -274,10 +273,15 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
     affine, qform/sform codes, pixdim), so a NIfTI -> Zarr -> NIfTI round trip
     gives the same voxel data and header.
 
+    Another tool's OME-Zarr / NIfTI-Zarr image is written with its
+    ``nifti`` header if it has one, else with an affine from its OME scale
+    and translation; its values are read as ``denoise`` reads them.
+
     Parameters
     ----------
     src : str or os.PathLike
-        A complete ``.zarr`` DWI store, local or fsspec URL.
+        A complete ``.zarr`` DWI store, or another tool's 4D image (OME-Zarr
+        0.4, 0.5 or 0.6, Zarr v2 or v3), local or fsspec URL.
     dst : str or os.PathLike
         ``.nii`` or ``.nii.gz`` (gzip), local or fsspec URL. Written under a
         temporary name next to it and renamed when complete.
@@ -305,9 +309,8 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
     if is_local(dst) and not os.path.isdir(os.path.dirname(local_path(dst))):
         raise InputError(f"writing {os.fspath(dst)}: the folder does not exist")
     store, meta = _open_source(src, storage_options)
-    the_plan = plan(meta.shape, meta.raw_dtype.itemsize, limit, store.chunks[:3])
-    passes = math.ceil(meta.shape[3] / the_plan.volumes_per_slab) * math.ceil(
-        meta.shape[2] / the_plan.planes_per_slab)
+    the_plan = _source_plan(store, meta, limit)
+    passes = _decodes_per_chunk(the_plan, store.chunks)
     total = int(np.prod(meta.shape)) * meta.raw_dtype.itemsize
     with NiftiWriter(dst, meta, overwrite=overwrite, storage_options=storage_options,
                      compresslevel=compresslevel) as writer:
@@ -330,13 +333,42 @@ def zarr_to_nifti(src, dst, *, memory_limit=DEFAULT_MEMORY_LIMIT, overwrite=Fals
 
 
 def _open_source(src, storage_options):
-    """The store's array and meta. A store that Zarr will read (not
-    :func:`.chunk_io.read_volumes`) is checked for missing chunks first:
-    Zarr would take one for the fill value, where the rule may say damage."""
-    store, meta = open_dwi_array(src, storage_options)
+    """The store's array and meta (ours, or another tool's image). A store
+    that Zarr will read (not :func:`.chunk_io.read_volumes`) is checked for
+    missing chunks first: Zarr would take one for the fill value, where the
+    rule may say damage (in a store we completed)."""
+    store, meta = open_image(src, storage_options)
     if not reads_volumes(store):
         require_all_chunks(store, os.fspath(src))
     return store, meta
+
+
+def _source_plan(store, meta, limit):
+    """The plan on the store's own spatial chunks. Another tool's chunks
+    may be too large for the plan's blocks of all volumes (one chunk per
+    volume of a whole image): then on the chunk policy's blocks, which Zarr
+    reads across the stored chunks."""
+    itemsize = meta.raw_dtype.itemsize
+    try:
+        return plan(meta.shape, itemsize, limit, store.chunks[:3])
+    except InputError:
+        if store.chunks[3] == meta.shape[3]:
+            raise  # its chunks hold all volumes, as the plan's blocks do
+        return plan(meta.shape, itemsize, limit)
+
+
+def _decodes_per_chunk(the_plan, chunks) -> int:
+    """How many slabs read the most-read stored chunk: the times writing
+    straight from the store decodes it (slabs are runs of volumes times runs
+    of z-planes; a chunk spans ``chunks[3]`` volumes and ``chunks[2]`` planes)."""
+    z, n = the_plan.shape[2:]
+
+    def most(size, step, extent):
+        return max((min(a + extent, size) - 1) // step - a // step + 1
+                   for a in range(0, size, extent))
+
+    return (most(n, the_plan.volumes_per_slab, chunks[3])
+            * most(z, the_plan.planes_per_slab, chunks[2]))
 
 
 def _volume_reader(store, url, the_plan):
