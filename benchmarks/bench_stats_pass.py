@@ -97,19 +97,18 @@ def stats_pass(data, bvals, chunks, method):
     scheduler (threads on every core), one BLAS thread per task."""
     from p2s_dask.graph import engine
     from p2s_dask.run import inmemory
+    from p2s_dask.run.executors import current_executor
     from p2s_dask.config.groups import make_groups
     from p2s_dask.run.threads import single_threaded_blas
 
     groups = make_groups(bvals, data.shape[3])
     with single_threaded_blas():
         stats_chunks = engine.as_chunked(data, chunks, RADIUS).chunks
-        run = inmemory._runner(data, inmemory.block_order(data), stats_chunks)
-        try:
-            graph = engine.summarize(run.array(stats_chunks), groups, RADIUS, None,
+        executor = current_executor()
+        with executor.blocks_of(data, stats_chunks, inmemory.block_order(data)) as blocks:
+            graph = engine.summarize(blocks.array(stats_chunks), groups, RADIUS, None,
                                      check_finite=False, method=method)
-            summary = run.compute(graph)
-        finally:
-            run.close()
+            summary = executor.compute(graph)
     return summary, [tuple(max(c) for c in stats_chunks[:3]), len(groups)]
 
 
@@ -157,13 +156,13 @@ def worker(args):
 def old_chunks(shape):
     """The chunks of ``patch_radius=1`` before lagged products: the policy's
     chunks of ``patch_radius=0``, made as thick as the radius."""
-    from p2s_dask.graph.engine import auto_chunks
-    return [max(c, r) for c, r in zip(auto_chunks(shape)[:3], RADIUS)]
+    from p2s_dask.graph.engine import in_memory_sizes
+    return [max(c, r) for c, r in zip(in_memory_sizes(shape)[0][:3], RADIUS)]
 
 
 def new_chunks(shape):
-    from p2s_dask.graph.engine import auto_chunks
-    return list(auto_chunks(shape, RADIUS)[:3])
+    from p2s_dask.graph.engine import in_memory_sizes
+    return list(in_memory_sizes(shape, RADIUS)[0][:3])
 
 
 def run_case(args, cache, kind, method, chunks, save=None):

@@ -169,12 +169,13 @@ def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha
     n_fit = _fitting_voxels(mask, shape)
     check_fit_size(group_list, n_fit, patch_size(radius), model, alpha,
                    stacklevel=_USER_FRAME)
-    options = dict(model=model, alpha=alpha, mask=mask, shift_intensity=shift,
-                   clip_negative_vals=clip, calc_dtype=calc_dtype)
+    spec = engine.DenoiseSpec(group_list, radius, model=model, alpha=alpha, mask=mask,
+                              shift_intensity=shift, clip_negative_vals=clip,
+                              calc_dtype=calc_dtype)
     _log_plan(shape, group_list, radius, model, n_fit)
     if isinstance(data, da.Array):
         arr = engine.as_chunked(data, chunks, radius)
-        return engine.denoise(arr, group_list, radius, out_dtype=out_dtype, **options)
+        return engine.denoise(arr, spec, out_dtype=out_dtype)
     data = np.asarray(data)
     check_finite(data)
     out = np.empty(shape, dtype=out_dtype)
@@ -182,8 +183,7 @@ def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha
     # tasks return their values and this process writes them into `out`: a
     # task may run in a worker process, which cannot reach `out`
     with single_threaded_blas():
-        inmemory.denoise_into(data, out, group_list, radius, chunks=chunks,
-                              check_finite=False, **options)
+        inmemory.denoise_into(data, out, spec, chunks=chunks, check_finite=False)
     logger.info("Patch2Self denoised %s in %.2f s", shape, time.perf_counter() - start)
     return out
 

@@ -110,4 +110,4 @@ def test_bad_groups_spec_is_one_line(tmp_path, capsys):
 
 def test_every_option_has_a_flag_or_is_api_only():
     for f in option_fields():
-        assert f.metadata["flag"] or f.name in ("progress", "gram"), f.name
+        assert f.metadata["flag"] or f.name in ("progress", "gram", "sources"), f.name

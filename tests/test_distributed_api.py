@@ -108,3 +108,47 @@ def test_configured_local_scheduler_is_honoured(client):
     with dask.config.set(scheduler="sync"):
         got = patch2self(data, BVALS, chunks=SPLIT[0])
     assert np.array_equal(got, local(data, chunks=SPLIT[0]))
+
+
+def test_patch_lanes_equal_local_bit_for_bit(client):
+    """Radius 1 with enough volumes that the statistics are summed in lanes
+    (one F x F scatter per chain of blocks): the lanes, like the chunks, come
+    from the budget alone, so a cluster sums in the same order as threads."""
+    from p2s_dask.graph.engine import SMALL_SCATTER_BYTES, in_memory_sizes
+
+    rng = np.random.default_rng(11)
+    shape, n = (20, 20, 12), 80
+    bvals = np.array([0, 0] + [1000] * (n - 2), float)
+    anat = 500 + 300 * rng.random(shape)
+    data = anat[..., None] * np.where(bvals > 50, rng.uniform(0.3, 0.7, n), 1.0)
+    data = data + rng.normal(0, 20, shape + (n,))
+    widest = (n - 2) * 27
+    assert widest * widest * 8 > SMALL_SCATTER_BYTES  # summed in lanes ...
+    assert in_memory_sizes(shape + (n,), (1, 1, 1))[1] >= 2  # ... more than one
+    kw = dict(patch_radius=1, version=1, chunks=(20, 20, 3))
+    with dask.config.set(scheduler="threads"):
+        expected = patch2self(data, bvals, **kw)
+    with distributed.get_task_stream(client) as ts:
+        got = patch2self(data, bvals, **kw)
+    # the work ran on the cluster's workers, not in this process
+    assert any("_lane_step" in str(t["key"]) for t in ts.data)
+    assert np.array_equal(got, expected)
+
+
+def test_explicit_executor_equals_local(client):
+    """``denoise_into`` on an executor handed to it (the cluster's, while
+    ``dask.compute`` would use threads) gives the threads' bytes."""
+    from p2s_dask.config.groups import make_groups
+    from p2s_dask.graph.engine import DenoiseSpec
+    from p2s_dask.run.executors import DistributedExecutor
+    from p2s_dask.run.threads import single_threaded_blas
+
+    data = phantom("int16")
+    spec = DenoiseSpec(make_groups(BVALS, BVALS.size), (1, 1, 1), mask=brain_mask())
+    expected = local(data, patch_radius=1, version=1, mask=brain_mask(), chunks=SPLIT[1])
+    got = np.empty(data.shape, np.int16)
+    # as patch2self: BLAS on one thread here too (the solve runs here)
+    with dask.config.set(scheduler="threads"), single_threaded_blas():
+        inmemory.denoise_into(data, got, spec, chunks=SPLIT[1],
+                              executor=DistributedExecutor(client))
+    assert np.array_equal(got, expected)

@@ -25,6 +25,8 @@ from p2s_dask.errors import InputError
 from p2s_dask.run.executors import (
     DistributedExecutor,
     ThreadsExecutor,
+    active_client,
+    current_executor,
     open_executor,
     resolve_scheduler,
     worker_budget,
@@ -376,3 +378,138 @@ def test_a_port_that_never_answers(monkeypatch):
         server.server_close()
     assert _one_line(info) == (f"cannot reach the Dask scheduler at {address} "
                                "(from --scheduler): no answer within 1 s")
+
+
+# -- one place finds the user's Client; the API's executors --------------------
+
+PACKAGE = Path(__file__).resolve().parents[1] / "p2s_dask"
+# calls that find a current or default distributed Client (Client.current()
+# is a method: only called as an attribute)
+_CLIENT_FINDERS = {"get_scheduler", "get_client", "default_client"}
+
+
+def _asks_for_a_client(node) -> bool:
+    import ast
+
+    if not isinstance(node, ast.Call):
+        return False
+    if isinstance(node.func, ast.Name):
+        return node.func.id in _CLIENT_FINDERS
+    return isinstance(node.func, ast.Attribute) and \
+        node.func.attr in _CLIENT_FINDERS | {"current"}
+
+
+def test_one_function_finds_the_active_client():
+    """Only executors.active_client asks Dask or distributed for a Client;
+    the API and file runs both go through it."""
+    import ast
+
+    askers = set()
+    for path in PACKAGE.rglob("*.py"):
+        for func in ast.walk(ast.parse(path.read_text())):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                    any(_asks_for_a_client(node) for node in ast.walk(func)):
+                askers.add((path.relative_to(PACKAGE).as_posix(), func.name))
+    assert askers == {("run/executors.py", "active_client")}
+
+
+@pytest.fixture(scope="module")
+def threads_cluster():
+    """A Client of an in-process LocalCluster (two one-thread workers)."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                  dashboard_address=None, silence_logs=40) as cluster:
+        yield cluster
+
+
+def test_current_executor_is_where_dask_compute_runs(threads_cluster):
+    import distributed
+
+    assert active_client() is None
+    ex = current_executor()
+    assert isinstance(ex, ThreadsExecutor) and ex.scheduler == "threads" and ex.in_process
+    with dask.config.set(scheduler="sync", num_workers=3):
+        ex = current_executor()
+        assert (ex.scheduler, ex.threads_per_worker, ex.in_process) == ("sync", 3, True)
+        np.testing.assert_array_equal(ex.compute(_array()), _array().compute(scheduler="sync"))
+    with distributed.Client(threads_cluster) as client:
+        assert active_client() is client
+        ex = current_executor()
+        assert isinstance(ex, DistributedExecutor) and ex.client is client
+        # a LocalCluster's workers see this machine's files
+        assert ex.is_local and ex.n_workers == 2
+        # a local scheduler named in the config wins, as in dask.compute
+        with dask.config.set(scheduler="threads"):
+            assert active_client() is None
+            assert isinstance(current_executor(), ThreadsExecutor)
+        # a file run without a scheduler or --workers uses it too, and leaves it open
+        with open_executor() as ex:
+            assert isinstance(ex, DistributedExecutor) and ex.client is client
+        assert client.status == "running"
+        with open_executor(workers=1) as ex:
+            assert isinstance(ex, ThreadsExecutor)
+    assert active_client() is None
+
+
+def _slow(i):
+    time.sleep(0.2)
+    return np.full(3, i)
+
+
+@pytest.mark.parametrize("kind", ["threads", "distributed"])
+def test_stream_places_each_result_as_its_task_ends(kind, threads_cluster):
+    """Every result reaches ``place`` once, in this process, before the last
+    task has ended (so a pass need not hold all its results)."""
+    import distributed
+
+    tasks = [dask.delayed(_slow, pure=False)(i) for i in range(6)]
+    placed = []
+
+    def place(i, result):
+        placed.append((i, time.monotonic()))
+        np.testing.assert_array_equal(result, np.full(3, i))
+
+    with contextlib.ExitStack() as stack:
+        if kind == "threads":
+            ex = ThreadsExecutor(1)
+        else:
+            ex = DistributedExecutor(stack.enter_context(distributed.Client(threads_cluster)))
+        ex.stream(tasks, place)
+    assert sorted(i for i, _ in placed) == list(range(6))
+    # six 0.2 s tasks on at most two threads: the first result was placed at
+    # least 0.4 s before the last
+    first, last = min(t for _, t in placed), max(t for _, t in placed)
+    assert last - first >= 0.35
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_blocks_of_an_array_in_its_layout(order, threads_cluster):
+    """Blocks (and finer pieces of them) hold the data's values, each a
+    contiguous array in the layout asked for; a cluster's copies go at exit."""
+    import distributed
+
+    data = np.asarray(np.arange(6 * 5 * 4 * 3, dtype="f4").reshape(6, 5, 4, 3), order=order)
+    chunks = ((3, 3), (5,), (2, 2), (3,))
+    finer = ((1, 2, 3), (5,), (2, 1, 1), (3,))
+
+    def layout(block):
+        ok = block.flags.f_contiguous if order == "F" else block.flags.c_contiguous
+        return np.full((1, 1, 1, 1), ok)
+
+    def check(ex):
+        with ex.blocks_of(data, chunks, order) as blocks:
+            for grid in (chunks, finer):
+                arr = blocks.array(grid)
+                assert arr.chunks == grid
+                np.testing.assert_array_equal(ex.compute(arr), data)
+                flags = arr.map_blocks(layout, chunks=(1, 1, 1, 1), dtype=bool)
+                assert ex.compute(flags).all()
+
+    check(ThreadsExecutor(2))
+    with distributed.Client(threads_cluster) as client:
+        check(DistributedExecutor(client))
+        deadline = time.monotonic() + 10
+        while client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0

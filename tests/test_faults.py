@@ -204,14 +204,14 @@ def test_changed_content_with_the_same_size_and_time(tmp_path, capsys):
 
 
 def test_changed_mask_after_a_crash(data, tmp_path, capsys):
-    mask = tmp_path / "mask.nii.gz"
+    mask = tmp_path / "mask.nii.gz"  # on the data's grid (write_dwi's affine)
     m = np.zeros((24, 22, 10), np.uint8)
     m[4:20, 4:18, 2:8] = 1
-    nib.save(nib.Nifti1Image(m, np.eye(4)), str(mask))
+    nib.save(nib.Nifti1Image(m, np.diag([2.0, 2.0, 2.0, 1.0])), str(mask))
     out = tmp_path / "out.nii"
     kill_at("minima", out, data["gz"], out, "--mask", mask)
     m[:, :, 5] = 0
-    nib.save(nib.Nifti1Image(m, np.eye(4)), str(mask))
+    nib.save(nib.Nifti1Image(m, np.diag([2.0, 2.0, 2.0, 1.0])), str(mask))
     assert cli("denoise", data["gz"], out, "--mask", mask) == 0
     assert "the mask changed" in capsys.readouterr().err
     clean = tmp_path / "clean.nii"
@@ -364,7 +364,9 @@ def test_refused_input_leaves_nothing(data, tmp_path, capsys, fault):
         inp.write_bytes(bytes(raw))
     elif fault == "empty_mask":
         mask = tmp_path / "mask.nii.gz"
-        nib.save(nib.Nifti1Image(np.zeros((24, 22, 10), np.uint8), np.eye(4)), str(mask))
+        # on the data's grid: refused for being empty, not for its affine
+        nib.save(nib.Nifti1Image(np.zeros((24, 22, 10), np.uint8),
+                                 np.diag([2.0, 2.0, 2.0, 1.0])), str(mask))
         extra = ["--mask", mask]
     out = tmp_path / "out.nii"
     one_line_error(capsys, "denoise", inp, out, *extra)

@@ -158,6 +158,11 @@ class Options:
         "--log-file", "also write the log to this file (default: stderr only)", api=False,
         aliases=("--log_file",), metavar="FILE"))
     progress: bool = field(default=True, metadata=_opt(None, "show progress", api=False))
+    # what the output's sidecar names as its Sources: set by a front that
+    # knows better than IN's path (BIDS URIs of a BIDS run); never a result
+    # option, so the same output named from elsewhere is still done
+    sources: object = field(default=None, metadata=_opt(
+        None, "the output's Sources (default: IN)", api=False))
     # DIPY main's keyword: how DIPY forms its normal equations; ours always
     # come from the statistics, so the result does not depend on it
     gram: object = field(default=None, metadata=_opt(None, "accepted for DIPY"))

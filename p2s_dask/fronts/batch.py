@@ -20,6 +20,7 @@ option that changes the result, recorded in the output's ``.json`` sidecar):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -51,37 +52,69 @@ class Outcome:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Pair:
+    """One (IN, OUT) of a batch, with what its front found for it.
+
+    Attributes
+    ----------
+    inp, out : str
+    bvals, bvecs : str, optional
+        Its gradient files (None: those stored in IN or beside it).
+    sources : tuple of str
+        Its output's ``Sources`` (a BIDS run's, as BIDS URIs; empty: IN).
+    problem : str
+        Why it cannot run, found by its front: it fails with this line.
+    """
+
+    inp: str
+    out: str
+    bvals: object = None
+    bvecs: object = None
+    sources: tuple = ()
+    problem: str = ""
+
+
 @dataclass
 class Job:
     """One pair of a batch, with what was decided before any work."""
 
-    inp: str
-    out: str
+    pair: Pair
     todo: str  # 'run', 'skip' or 'fail'
     message: str = ""
     ours: frozenset = frozenset()
 
+    @property
+    def inp(self) -> str:
+        return self.pair.inp
 
-def decide(inp, out, opts: Options, bvals=None, bvecs=None) -> Job:
+    @property
+    def out(self) -> str:
+        return self.pair.out
+
+
+def decide(pair: Pair, opts: Options) -> Job:
     """Skip, run or fail one pair, by fingerprint (reads headers only)."""
-    inp, out = str(inp), str(out)
+    if pair.problem:
+        return Job(pair, "fail", pair.problem)
+    inp, out = pair.inp, pair.out
     try:
-        run = describe_run(inp, out, bvals, bvecs, opts)
+        run = describe_run(inp, out, pair.bvals, pair.bvecs, opts)
         so = opts.storage_options
         if not exists(out, so):
-            return Job(inp, out, "run", ours=frozenset(unfinished_work(out, opts)))
+            return Job(pair, "run", ours=frozenset(unfinished_work(out, opts)))
         recorded = recorded_fingerprint(out, so)
         if recorded is None:
-            return Job(inp, out, "run", ours=frozenset(unfinished_work(out, opts)))
+            return Job(pair, "run", ours=frozenset(unfinished_work(out, opts)))
         current = result_fingerprint(run)
         if recorded == current and not opts.overwrite:
-            return Job(inp, out, "skip", "already done")
+            return Job(pair, "skip", "already done")
         mine = {canonical(out)} | {canonical(u) for u in sidecar_urls(out).values()}
         why = "replaced (--overwrite)" if recorded == current else \
             f"redone: {why_redone(recorded, current)}"
-        return Job(inp, out, "run", why, ours=frozenset(mine))
+        return Job(pair, "run", why, ours=frozenset(mine))
     except InputError as exc:
-        return Job(inp, out, "fail", str(exc))
+        return Job(pair, "fail", str(exc))
 
 
 def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()):
@@ -89,10 +122,11 @@ def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()
 
     Parameters
     ----------
-    pairs : sequence of (str, str)
+    pairs : sequence of (str, str) or Pair
+        A :class:`Pair` brings its own gradients (a BIDS run's).
     opts : Options
     bvals, bvecs : optional
-        The same for every run (``--bvals``/``--bvecs``).
+        The gradients of every ``(IN, OUT)`` tuple (``--bvals``/``--bvecs``).
     extra : Manifest
         What the front writes besides the runs (folders, a log, BIDS files).
 
@@ -106,11 +140,15 @@ def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()
         When two runs would write one place, or a run would write a place
         that any run reads: nothing runs then.
     """
-    jobs = [decide(i, o, opts, bvals, bvecs) for i, o in pairs]
+    pairs = [p if isinstance(p, Pair) else Pair(str(p[0]), str(p[1]), bvals, bvecs)
+             for p in pairs]
+    jobs = [decide(p, opts) for p in pairs]
     manifest = extra
     for job in jobs:
-        # every pair's input is read by the batch, even one skipped or failed
-        own = run_manifest(job.inp, job.out, opts, bvals=bvals, bvecs=bvecs, label=job.inp)
+        # every pair's input (and gradients) is read by the batch, even one
+        # skipped or failed
+        own = run_manifest(job.inp, job.out, opts, bvals=job.pair.bvals,
+                           bvecs=job.pair.bvecs, label=job.inp)
         manifest += own if job.todo == "run" else Manifest(reads=own.reads)
     check_layout(manifest)
     problems = check_existing(manifest, overwrite=opts.overwrite,
@@ -122,22 +160,24 @@ def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()
     return jobs, manifest
 
 
-def denoise_many(jobs, manifest, options: Options, *, bvals=None, bvecs=None,
-                 say=print) -> list:
+def denoise_many(jobs, manifest, options: Options, *, say=print) -> list:
     """Run the decided jobs with one executor; one line per run.
+
+    Each job runs with its own gradients and ``Sources``; a batch with
+    nothing to run (every job skipped, or failed before it started) makes
+    no folder and opens no executor.
 
     Returns
     -------
     list of Outcome
     """
     outcomes = []
-    budget = parse_memory_limit(options.memory_limit)
-    make_folders(manifest)
-    with open_executor(scheduler=options.scheduler, scheduler_file=options.scheduler_file,
-                       workers=options.workers, threads=options.threads,
-                       memory_limit=budget) as executor:
+    busy = any(job.todo == "run" for job in jobs)
+    if busy:
+        make_folders(manifest)
+    with _batch_executor(options) if busy else contextlib.nullcontext() as executor:
         for i, job in enumerate(jobs, 1):
-            outcome = _one(job, options, executor, manifest, (bvals, bvecs))
+            outcome = _one(job, options, executor, manifest)
             outcomes.append(outcome)
             say(f"p2s-dask: [{i}/{len(jobs)}] {outcome.status} {job.out}"
                 + (f" ({outcome.seconds:.1f} s)" if outcome.status == "denoised" else "")
@@ -145,20 +185,28 @@ def denoise_many(jobs, manifest, options: Options, *, bvals=None, bvecs=None,
     return outcomes
 
 
-def _one(job: Job, options, executor, manifest, gradients) -> Outcome:
+def _batch_executor(options: Options):
+    budget = parse_memory_limit(options.memory_limit)
+    return open_executor(scheduler=options.scheduler, scheduler_file=options.scheduler_file,
+                         workers=options.workers, threads=options.threads,
+                         memory_limit=budget)
+
+
+def _one(job: Job, options, executor, manifest) -> Outcome:
     if job.todo != "run":
         status = "skipped" if job.todo == "skip" else "failed"
         return Outcome(job.inp, job.out, status, message=job.message)
     # another process of the same batch may have done it since we decided
-    again = decide(job.inp, job.out, options, *gradients)
+    again = decide(job.pair, options)
     if again.todo == "skip":
         return Outcome(job.inp, job.out, "skipped", message=again.message)
     start = time.perf_counter()
     made = []
     try:
         made = make_folders(manifest, job.inp)
-        denoise_file(job.inp, job.out, bvals=gradients[0], bvecs=gradients[1],
-                     options=options, executor=executor, manifest=manifest)
+        denoise_file(job.inp, job.out, bvals=job.pair.bvals, bvecs=job.pair.bvecs,
+                     options=options.with_(sources=job.pair.sources or None),
+                     executor=executor, manifest=manifest)
     except BusyError as exc:
         return Outcome(job.inp, job.out, "skipped", message=str(exc).split(";")[0])
     except InputError as exc:

@@ -106,6 +106,30 @@ class _Parser(argparse.ArgumentParser):
         raise InputError(message)
 
 
+def _add_bids(sub):
+    """The ``bids`` subcommand (a BIDS App's arguments, then denoise's options)."""
+    bids = sub.add_parser("bids", help="BIDS App: denoise every DWI run of a dataset",
+                          formatter_class=_Help)
+    bids.add_argument("bids_dir", metavar="BIDS_DIR")
+    bids.add_argument("output_dir", metavar="OUTPUT_DIR")
+    bids.add_argument("analysis_level", choices=("participant",))
+    bids.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
+                      metavar="LABEL", help="only these subjects (default: all)")
+    bids.add_argument("--session-label", "--session_label", nargs="+", default=None,
+                      metavar="LABEL", help="only these sessions (default: all)")
+    bids.add_argument("--bvals", default=None,
+                      help="FSL bvals for the runs the dataset gives none; the dataset's "
+                           "win: a run's own .bval, else the nearest inherited one "
+                           "(sub-XX/ses-YY/, sub-XX/, or dwi.bval at the top) "
+                           "(default: none)")
+    bids.add_argument("--bvecs", default=None,
+                      help="FSL bvecs for the runs the dataset gives none, as --bvals "
+                           "(default: none)")
+    bids.add_argument("--dry-run", action="store_true",
+                      help="print the plan of every run and every path, then exit")
+    _options_args(bids)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``p2s-dask`` parser; denoise's options come from :class:`Options`."""
     from .. import __version__
@@ -144,18 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the run would read or write, then exit")
     _options_args(den)
 
-    bids = sub.add_parser("bids", help="BIDS App: denoise every DWI run of a dataset",
-                          formatter_class=_Help)
-    bids.add_argument("bids_dir", metavar="BIDS_DIR")
-    bids.add_argument("output_dir", metavar="OUTPUT_DIR")
-    bids.add_argument("analysis_level", choices=("participant",))
-    bids.add_argument("--participant-label", "--participant_label", nargs="+", default=None,
-                      metavar="LABEL", help="only these subjects (default: all)")
-    bids.add_argument("--session-label", "--session_label", nargs="+", default=None,
-                      metavar="LABEL", help="only these sessions (default: all)")
-    bids.add_argument("--dry-run", action="store_true",
-                      help="print the plan of every run and every path, then exit")
-    _options_args(bids)
+    _add_bids(sub)
 
     demo = sub.add_parser("demo", help="denoise the bundled example data",
                           formatter_class=_Help)
@@ -202,10 +215,12 @@ def _check_convert_paths(args):
 
 def _convert_to_nifti(args, common):
     """A store back to NIfTI, with the gradients it holds as .bval/.bvec."""
-    from ..io import open_dwi_array, zarr_to_nifti
+    from ..io import zarr_to_nifti
     from ..io.sidecars import sidecar_urls, write_sidecars
     from ..io.urls import exists
-    _, meta = open_dwi_array(args.input, args.storage_options)
+    from ..io.zarr_store import probe_store
+    # any store denoise reads: ours, or another tool's OME-Zarr / NIfTI-Zarr image
+    _, meta, _ = probe_store(args.input, args.storage_options)
     urls = sidecar_urls(args.output)
     wanted = [urls[".bval"]] * (meta.bvals is not None) + [urls[".bvec"]] * (meta.bvecs is not None) \
         + [urls[".json"]] * (meta.sidecar is not None)
@@ -291,25 +306,26 @@ def _run_many(args, opts, pairs, extra, before=None) -> int:
     bvals, bvecs = getattr(args, "bvals", None), getattr(args, "bvecs", None)
     jobs, manifest = plan_batch(pairs, opts, bvals=bvals, bvecs=bvecs, extra=extra)
     if args.dry_run:
-        return _dry_run(args, opts, [(j.inp, j.out) for j in jobs if j.todo == "run"],
-                        manifest)
+        return _dry_run(args, opts, [(j.inp, j.out, j.pair.bvals, j.pair.bvecs)
+                                     for j in jobs if j.todo == "run"], manifest)
     with _log_file(args):
-        if before is not None:
+        # a batch whose every run failed before it started writes nothing
+        if before is not None and any(j.todo != "fail" for j in jobs):
             before(manifest)
-        outcomes = denoise_many(jobs, manifest, opts, bvals=bvals, bvecs=bvecs)
+        outcomes = denoise_many(jobs, manifest, opts)
     print(table(outcomes))
     return 2 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _bids(args):
-    from .bids import bids_manifest, description_is_ours, find_dwi_runs
+    from .bids import bids_manifest, find_dwi_runs, keep_description, run_pair
     from ..planning.paths import front_manifest
+    opts = _options_of(args)
     runs = find_dwi_runs(args.bids_dir, args.output_dir, args.participant_label,
-                         args.session_label)
+                         args.session_label, opts.storage_options)
     if not runs:
         raise InputError(f"no DWI runs found in {args.bids_dir}")
-    opts = _options_of(args)
-    keep = description_is_ours(args.output_dir, opts.storage_options)
+    keep = keep_description(args.output_dir, args.bids_dir, opts.storage_options)
     extra = bids_manifest(runs, args.output_dir, keep_description=keep) \
         + front_manifest(log_file=args.log_file)
     def describe(manifest):
@@ -320,15 +336,16 @@ def _bids(args):
             put_text(target, json.dumps(dataset_description(args.bids_dir), indent=2) + "\n",
                      opts.storage_options)
 
-    return _run_many(args, opts, [(str(r.path), r.output) for r in runs], extra, describe)
+    pairs = [run_pair(r, args.bvals, args.bvecs) for r in runs]
+    return _run_many(args, opts, pairs, extra, describe)
 
 
 def _dry_run(args, opts, pairs, manifest) -> int:
     """``--dry-run``: each run's plan, then the manifest; nothing is written."""
     from ..run.pipeline import dry_run_lines
-    for inp, out in pairs:
-        for line in dry_run_lines(inp, out, opts, getattr(args, "bvals", None),
-                                  getattr(args, "bvecs", None)):
+    for inp, out, *gradients in pairs:  # a batch's runs bring their own gradients
+        bvals, bvecs = gradients or (getattr(args, "bvals", None), getattr(args, "bvecs", None))
+        for line in dry_run_lines(inp, out, opts, bvals, bvecs):
             print(line)
     for line in manifest.lines():
         print(line)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -89,23 +89,76 @@ class Summary:
     first_nonfinite: tuple | None = None
 
 
-# the working budget of an in-memory call: the data and the output are in
-# memory already, so what the call adds stays a fraction of them
-API_MEMORY_LIMIT = 512 << 20
-# ... besides the lanes of patch statistics (each an F x F scatter and its
-# working copies: 0.5 GB for 160 volumes at r = 1), one per thread within
-# this much
-API_LANES_MEMORY = 3 << 29
+@dataclass(eq=False)
+class DenoiseSpec:
+    """What an in-memory or lazy run computes: the groups, the patch radius
+    and every option that changes the result (see :func:`denoise`)."""
+
+    groups: list
+    radius: tuple
+    model: object = "ols"
+    alpha: float = 1.0
+    mask: object = None  # (x, y, z) bool: the voxels fitted on
+    shift_intensity: bool = True
+    clip_negative_vals: bool = False
+    calc_dtype: object = np.float64  # arithmetic of the prediction
 
 
-def auto_chunks(shape, radius=(0, 0, 0), itemsize=8, memory_limit=API_MEMORY_LIMIT,
-                threads=None):
-    """Chunks ``(cx, cy, cz, n)`` of the chunk policy for an in-memory run
-    (a thread per usable core)."""
+# An in-memory call's budget: what the call may add to the data and the
+# output it holds already (so the process itself is not counted, as a file
+# run counts it). A fixed amount, not the machine's share that a file run
+# gets by default: the sizes set the order of the float sums, and the API
+# gives the same bits on every machine. A quarter of it goes to the blocks in
+# flight, the rest to the lanes of patch statistics, each an F x F scatter
+# and its working copies (0.5 GB for 160 volumes at r = 1): the file runs'
+# chunk_policy (with the lanes apart) and patch_lanes
+IN_MEMORY_BUDGET = 2 << 30
+IN_MEMORY_BLOCKS_SHARE = 4
+
+
+def local_threads() -> int:
+    """Threads of Dask's local scheduler: ``dask.config``'s ``num_workers``,
+    else every usable core (``dask.system.CPU_COUNT``)."""
     from dask.system import CPU_COUNT
-    spatial = chunk_policy(shape, itemsize, memory_limit, threads or CPU_COUNT, radius,
-                           lanes_apart=True)  # the lanes have API_LANES_MEMORY
-    return (*spatial, int(shape[3]))
+
+    count = dask.config.get("num_workers", None)
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count
+    return max(1, int(CPU_COUNT))
+
+
+def in_memory_sizes(shape, radius=(0, 0, 0), memory_limit=None, threads=None):
+    """Chunks and lanes of an in-memory run, by the file runs' budget rules.
+
+    Sizes follow from the budget and the local scheduler's threads only,
+    never from where the run goes (a cluster's workers) or the machine's
+    memory: chunks and lanes set the order of the float sums, and the API's
+    answer is the same bits on any executor.
+
+    Parameters
+    ----------
+    shape : tuple of 4 ints
+        ``(x, y, z, volumes)``.
+    radius : tuple of 3 ints, optional
+    memory_limit : int, optional
+        The call's budget; default :data:`IN_MEMORY_BUDGET`.
+    threads : int, optional
+        Default :func:`local_threads`.
+
+    Returns
+    -------
+    chunks : tuple of 4 ints
+        ``(cx, cy, cz, n)`` of :func:`~p2s_dask.planning.chunking.chunk_policy`
+        for a float64 block, a :data:`IN_MEMORY_BLOCKS_SHARE` th of the budget.
+    lanes : int
+        :func:`~p2s_dask.planning.chunking.patch_lanes` within the rest.
+    """
+    budget = IN_MEMORY_BUDGET if memory_limit is None else int(memory_limit)
+    threads = threads or local_threads()
+    blocks = budget // IN_MEMORY_BLOCKS_SHARE
+    spatial = chunk_policy(shape, 8, blocks, threads, radius, lanes_apart=True)
+    lanes = patch_lanes(shape, radius, budget - blocks, threads, process_bytes=0)
+    return (*spatial, int(shape[3])), lanes
 
 
 def _from_numpy(x: np.ndarray, chunks) -> da.Array:
@@ -129,7 +182,7 @@ def as_chunked(data, chunks=None, radius=(0, 0, 0)) -> da.Array:
     NumPy input is wrapped without a copy.
     """
     shape = tuple(data.shape)
-    spec = (auto_chunks(shape, radius) if chunks is None
+    spec = (in_memory_sizes(shape, radius)[0] if chunks is None
             else tuple(chunks)[:3] + (shape[3],))
     if isinstance(data, da.Array):
         arr = data if (chunks is None and len(data.chunks[3]) == 1) else data.rechunk(spec)
@@ -185,22 +238,31 @@ def _volume_minima(block) -> np.ndarray:
     return rows.min(axis=0).astype(np.float64)
 
 
-def _summarize_block(block, mask, groups, radius, origin, check_finite,
-                     method="auto") -> Summary:
+@dataclass(frozen=True, eq=False)
+class _StatsSpec:
+    """What every block of a statistics pass computes (see :func:`summarize`)."""
+
+    groups: tuple
+    radius: tuple
+    check_finite: bool = True
+    method: str = "auto"  # how patch statistics are computed
+
+
+def _summarize_block(block, mask, origin, spec: _StatsSpec) -> Summary:
     # one BLAS thread wherever the task runs: the thread count may change the
     # order of float sums, and a run must give the same bits on any executor
     with OneBlasThread():
-        return _block_summary(block, mask, groups, radius, origin, check_finite, method)
+        return _block_summary(block, mask, origin, spec)
 
 
-def _block_summary(block, mask, groups, radius, origin, check_finite,
-                   method="auto", running=None) -> Summary:
+def _block_summary(block, mask, origin, spec: _StatsSpec, running=None) -> Summary:
     """One block's :class:`Summary`; with ``running`` (a lane's entries, see
     :func:`_lane_step`) lag statistics are added into its :class:`LagSum`."""
+    groups, radius, method = spec.groups, spec.radius, spec.method
     inner = _interior(block, radius)
     n = block.shape[-1]
     summary = Summary(stats=[], minima=_volume_minima(inner))
-    if check_finite and np.issubdtype(block.dtype, np.inexact):
+    if spec.check_finite and np.issubdtype(block.dtype, np.inexact):
         bad = ~np.isfinite(inner)
         count = int(np.count_nonzero(bad))
         if count:
@@ -299,8 +361,7 @@ def _chain(items, step=TREE_FAN_IN):
     return total
 
 
-def _lane_step(lane, block, mask, groups, radius, origin, check_finite,
-               method="auto") -> Summary:
+def _lane_step(lane, block, mask, origin, spec: _StatsSpec) -> Summary:
     """A lane's summary with one more block (``lane`` None: its first).
 
     Lag statistics are summed into the lane's :class:`LagSum` of each group
@@ -310,16 +371,16 @@ def _lane_step(lane, block, mask, groups, radius, origin, check_finite,
     with OneBlasThread():
         if lane is not None and lane.nonfinite:
             # the run stops with an error: only the census goes on
-            census = _block_summary(block, mask, [], radius, origin, check_finite)
+            census = _block_summary(block, mask, origin, replace(spec, groups=()))
             return _merge_summaries(lane, census)
         if lane is None:
-            running = [LagSum(len(g.indices), radius)
-                       if g.denoise and _uses_lag(len(g.indices), radius, mask is not None,
-                                                  method) else None for g in groups]
+            running = [LagSum(len(g.indices), spec.radius)
+                       if g.denoise and _uses_lag(len(g.indices), spec.radius,
+                                                  mask is not None, spec.method)
+                       else None for g in spec.groups]
         else:
             running = lane.stats
-        here = _block_summary(block, mask, groups, radius, origin, check_finite, method,
-                              running)
+        here = _block_summary(block, mask, origin, spec, running)
         return here if lane is None else _merge_summaries(lane, here)
 
 
@@ -327,12 +388,6 @@ def _lane_finish(lane: Summary) -> Summary:
     """A lane's summary with its sums turned into :class:`Stats`."""
     lane.stats = [s.stats() if isinstance(s, LagSum) else s for s in lane.stats]
     return lane
-
-
-def api_lanes(shape, radius) -> int:
-    """Lanes of patch statistics for an in-memory call: one per thread of
-    :func:`default_lanes` while they fit :data:`API_LANES_MEMORY`."""
-    return patch_lanes(shape, radius, API_LANES_MEMORY, default_lanes(), process_bytes=0)
 
 
 def _lane_runs(sizes, lanes: int):
@@ -346,22 +401,7 @@ def _lane_runs(sizes, lanes: int):
     return [range(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def default_lanes() -> int:
-    """Threads of the scheduler ``dask.compute`` would use now: a current
-    ``distributed`` Client's, else the local one's (``num_workers`` or all
-    usable cores)."""
-    from dask.system import CPU_COUNT
-
-    client = getattr(dask.base.get_scheduler(), "__self__", None)  # a Client's `get`
-    if callable(getattr(client, "nthreads", None)):
-        try:
-            return max(1, sum(client.nthreads().values()))
-        except Exception:  # not connected (yet): count the local threads
-            pass
-    return max(1, int(dask.config.get("num_workers", None) or CPU_COUNT))
-
-
-def _lanes(tasks, sizes, groups, radius, check_finite, method, lanes):
+def _lanes(tasks, sizes, spec: _StatsSpec, lanes: int):
     """Statistics summed along ``lanes`` chains of blocks, then merged.
 
     With a patch every block's statistics are an F x F matrix of hundreds of
@@ -375,7 +415,7 @@ def _lanes(tasks, sizes, groups, radius, check_finite, method, lanes):
         lane = None
         for i in run:
             block, mblock, origin = tasks[i]
-            lane = step(lane, block, mblock, groups, radius, origin, check_finite, method)
+            lane = step(lane, block, mblock, origin, spec)
         finished.append(finish(lane))
     return _tree(finished, 2)
 
@@ -404,20 +444,19 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
     lanes : int, optional
         With a patch and large scatters (over :data:`SMALL_SCATTER_BYTES`), blocks are summed
         along this many chains, which bounds the F x F matrices held at once
-        (default: one per thread of :func:`default_lanes` while they fit
-        :data:`API_LANES_MEMORY`, see :func:`.chunking.patch_lanes`).
+        (default: an in-memory run's, see :func:`in_memory_sizes`).
     """
     method = _stats_method.get() if method is None else _check_method(method)
+    spec = _StatsSpec(tuple(groups), tuple(radius), check_finite, method)
     tasks, sizes = _block_tasks(arr, radius, mask)
     p = patch_size(radius)
     widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
     if widest * widest * 8 > SMALL_SCATTER_BYTES and any(radius):
         if lanes is None:
-            lanes = api_lanes(arr.shape, radius)
-        return _lanes(tasks, sizes, groups, radius, check_finite, method, lanes)
+            lanes = in_memory_sizes(arr.shape, radius)[1]
+        return _lanes(tasks, sizes, spec, lanes)
     fn = dask.delayed(_summarize_block, pure=True)
-    parts = [fn(block, mblock, groups, radius, origin, check_finite, method)
-             for block, mblock, origin in tasks]
+    parts = [fn(block, mblock, origin, spec) for block, mblock, origin in tasks]
     if widest * widest * 8 <= SMALL_SCATTER_BYTES:
         return _chain(parts)
     return _tree(parts, 2)
@@ -608,23 +647,32 @@ def _shifts(fitted: FittedModels, pred_minima):
     return intensity_shift(fitted.minima, pred_minima)
 
 
-def denoise(arr: da.Array, groups: list[Group], radius, *, model="ols", alpha=1.0,
-            mask=None, shift_intensity=True, clip_negative_vals=False,
-            out_dtype=np.float32, calc_dtype=np.float64) -> da.Array:
+def denoise(arr: da.Array, spec: DenoiseSpec, out_dtype=np.float32) -> da.Array:
     """The whole method as one lazy graph with bounded memory.
 
     Each pass re-reads the input (:func:`dask.graph_manipulation.bind` makes a
     copy of the input graph that waits for the previous pass), so no pass holds
     the data in memory waiting for a global result.
+
+    Parameters
+    ----------
+    arr : dask.array.Array (x, y, z, n), one chunk along the volumes
+    spec : DenoiseSpec
+    out_dtype : dtype, optional
+
+    Returns
+    -------
+    dask.array.Array
     """
-    summary = summarize(arr, groups, radius, mask)
-    fitted = dask.delayed(fit_models, pure=True)(summary, groups, radius, model, alpha,
-                                                 calc_dtype)
+    radius = spec.radius
+    summary = summarize(arr, spec.groups, radius, spec.mask)
+    fitted = dask.delayed(fit_models, pure=True)(summary, spec.groups, radius, spec.model,
+                                                 spec.alpha, spec.calc_dtype)
     shift = None
     after = fitted
-    if shift_intensity:
+    if spec.shift_intensity:
         pred_min = prediction_minima(bind(arr, fitted), fitted, radius)
         shift = dask.delayed(_shifts, pure=True)(fitted, pred_min)
         after = shift
-    return predict(bind(arr, after), fitted, radius, shift, clip_negative_vals,
+    return predict(bind(arr, after), fitted, radius, shift, spec.clip_negative_vals,
                    out_dtype)

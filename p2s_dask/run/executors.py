@@ -184,8 +184,8 @@ class Executor:
     Attributes
     ----------
     is_local : bool
-        The work runs on this machine (threads here, or a ``LocalCluster``
-        this run started), so local files are seen as here.
+        The work runs on this machine (threads here, or a ``LocalCluster``,
+        this run's or the user's), so local files are seen as here.
     memory_per_worker : int
         Bytes one worker may use: the smallest over the workers.
     threads_per_worker : int
@@ -534,14 +534,13 @@ def current_executor(memory_limit: int = DEFAULT_MEMORY_LIMIT) -> Executor:
     """
     import dask
 
+    from ..graph.engine import local_threads
+
     client = active_client()
     if client is not None:
         return DistributedExecutor(client, memory_limit=memory_limit,
                                    is_local=_on_this_machine(client))
-    count = dask.config.get("num_workers", None)
-    threads = count if isinstance(count, int) and not isinstance(count, bool) \
-        and count > 0 else None
-    return ThreadsExecutor(threads, memory_limit,
+    return ThreadsExecutor(local_threads(), memory_limit,
                            scheduler=dask.config.get("scheduler", None) or "threads")
 
 

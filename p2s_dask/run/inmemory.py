@@ -1,38 +1,43 @@
-"""NumPy in, NumPy out: the in-memory API's run, on whichever scheduler Dask
-would use (threads by default, or the current ``distributed`` Client).
+"""NumPy in, NumPy out: the in-memory API's run, on an executor of
+:mod:`.executors` (by default the scheduler ``dask.compute`` would use:
+threads, or the current ``distributed`` Client; see
+:func:`~.executors.current_executor`).
 
 A task never writes into the caller's array: it may run in another process
 (a distributed worker), where a write would land in a copy and leave the
 caller's memory uninitialised. Tasks return their chunk's values (and
-minima); the calling process places each result as it arrives, so the call
-holds the output plus a few chunks.
+minima); the executor hands each result to this process as it arrives
+(:meth:`~.executors.Executor.stream`), which places it, so the call holds the
+output plus a few chunks.
 
-Bit-for-bit the same answer locally and on a cluster: the core picks its
-code path (and so its order of float sums) from a block's memory layout, so
-every task, wherever it runs, is given the same block: a contiguous array in
-the data's own layout, cut from the same chunks. BLAS runs on one thread in
-every task (its thread count may change the order of sums).
+Bit-for-bit the same answer locally and on a cluster: the chunks and lanes
+come from the budget alone (:func:`~p2s_dask.graph.engine.in_memory_sizes`),
+and the core picks its code path (and so its order of float sums) from a
+block's memory layout, so every task, wherever it runs, is given the same
+block: a contiguous array in the data's own layout, cut from the same chunks
+(:meth:`~.executors.Executor.blocks_of`). BLAS runs on one thread in every
+task (its thread count may change the order of sums).
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 import dask
 import dask.array as da
 import numpy as np
-from dask.array.core import slices_from_chunks
-from dask.callbacks import Callback
 
 from ..core import predict_block
 from ..core.layout import rows_order, volume_columns
 from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.postprocess import intensity_shift
-from ..graph.engine import (FittedModels, _clip_negatives, _interior, _one_key, _RunningMin,
-                     api_lanes, as_chunked, fit_models, summarize, with_halo)
-from ..config.groups import Group
+from ..graph.engine import (DenoiseSpec, FittedModels, _clip_negatives, _interior, _one_key,
+                            _RunningMin, as_chunked, fit_models, in_memory_sizes, summarize,
+                            with_halo)
+from .executors import chunk_grid, contiguous, current_executor
 from .threads import OneBlasThread
+
+__all__ = ["DenoiseSpec", "block_order", "denoise_into", "prediction_chunks"]
 
 # float64 bytes of one prediction task's block: the statistics keep the
 # engine's (large) chunks; prediction needs no merge, and small pieces keep
@@ -46,7 +51,17 @@ class _Piece:
 
     values: np.ndarray | None
     minima: np.ndarray | None
-    placed: bool = False  # set in the calling process once it is written
+
+
+@dataclass(eq=False)
+class _Pass:
+    """What one prediction pass computes for every piece."""
+
+    radius: tuple
+    shift: np.ndarray | None = None  # added to the prediction (with the intercept)
+    clip: bool = False  # negative values clipped to 0
+    dtype: object = None  # the values' dtype (None: minima only)
+    minima: bool = False  # also the per-volume minimum of the unshifted values
 
 
 def block_order(data: np.ndarray) -> str:
@@ -66,15 +81,6 @@ def block_order(data: np.ndarray) -> str:
     if data.flags.c_contiguous:
         return "C"
     return "F" if volume_columns(data) is not None else "C"
-
-
-def _canonical(view: np.ndarray, order: str) -> np.ndarray:
-    """``view`` as a contiguous array in ``order`` (itself when it is one)."""
-    return np.require(view, requirements=order)
-
-
-def _sub_block(parent: np.ndarray, index, order: str) -> np.ndarray:
-    return _canonical(parent[index], order)
 
 
 def prediction_chunks(chunks, radius, order="C", target_bytes=None):
@@ -119,199 +125,104 @@ def prediction_chunks(chunks, radius, order="C", target_bytes=None):
     return tuple(out) + (tuple(chunks[3]),)
 
 
-def _grid(chunks):
-    """``(block index, 4D slices)`` of every chunk, in C order."""
-    return zip(np.ndindex(*[len(c) for c in chunks]), slices_from_chunks(chunks))
-
-
-def _task_array(tasks: dict, chunks, dtype) -> da.Array:
-    """A dask array from ``{block index: task or value}``."""
-    name = f"p2s-block-{uuid.uuid4().hex}"
-    return da.Array({(name,) + idx: t for idx, t in tasks.items()}, name, chunks,
-                    dtype=dtype)
-
-
-class _LocalRun:
-    """Dask's local schedulers (threads by default, or what ``dask.config``
-    names). Blocks are cut from the caller's array (copied only when
-    strided); results come back in this process and are placed as each
-    task ends."""
-
-    def __init__(self, data, order, compute_kwargs):
-        self.data, self.order, self.kwargs = data, order, compute_kwargs
-
-    def array(self, chunks) -> da.Array:
-        tasks = {idx: (_canonical, self.data[slc], self.order)
-                 for idx, slc in _grid(chunks)}
-        return _task_array(tasks, chunks, self.data.dtype)
-
-    def compute(self, obj, threads=None):
-        """``obj``'s value; ``threads`` caps the local scheduler's threads."""
-        kwargs = dict(self.kwargs)
-        if threads is not None:
-            kwargs["num_workers"] = threads
-        return dask.compute(obj, **kwargs)[0]
-
-    def stream(self, tasks, place):
-        """Compute ``tasks`` (Delayed) and ``place(i, piece)`` each result.
-
-        The local schedulers keep every requested result until the end: a
-        callback places each piece as its task finishes (in this thread) and
-        drops its values, so only a few are held at once. Schedulers without
-        callbacks get their pieces placed at the end.
-        """
-        order = {t.key: i for i, t in enumerate(tasks)}
-
-        def posttask(key, result, dsk, state, worker_id):
-            i = order.get(key)
-            if i is not None and isinstance(result, _Piece) and not result.placed:
-                place(i, result)
-                result.values, result.placed = None, True
-
-        with Callback(posttask=posttask):
-            results = dask.compute(*tasks, **self.kwargs)
-        for i, piece in enumerate(results):
-            if not piece.placed:
-                place(i, piece)
-
-    def close(self):
-        pass
-
-
-class _DistributedRun:
-    """A ``distributed`` Client. Each block of the caller's array is
-    scattered once (the statistics and every prediction pass use it, each
-    task gets only its own block); prediction pieces are cut from it on the
-    worker that holds it. Results are gathered as they complete."""
-
-    def __init__(self, client, data, order, chunks):
-        self.client, self.order, self.chunks = client, order, chunks
-        # one block at a time: the client holds at most one block's copy
-        self.blocks = {idx: client.scatter(_canonical(data[slc], order), hash=False)
-                       for idx, slc in _grid(chunks)}
-        self.dtype = data.dtype
-
-    def array(self, chunks) -> da.Array:
-        if chunks == self.chunks:
-            return _task_array(dict(self.blocks), chunks, self.dtype)
-        ends = [np.cumsum(c) for c in self.chunks[:3]]
-        tasks = {}
-        for idx, slc in _grid(chunks):
-            parent, local = [], []
-            for a in range(3):
-                j = int(np.searchsorted(ends[a], slc[a].start, side="right"))
-                start = int(ends[a][j] - self.chunks[a][j])
-                parent.append(j)
-                local.append(slice(slc[a].start - start, slc[a].stop - start))
-            tasks[idx] = (_sub_block, self.blocks[tuple(parent) + (0,)], tuple(local),
-                          self.order)
-        return _task_array(tasks, chunks, self.dtype)
-
-    def compute(self, obj, threads=None):
-        return self.client.compute(obj).result()  # the workers keep their threads
-
-    def stream(self, tasks, place):
-        """Compute ``tasks`` (Delayed) and ``place(i, piece)`` each result as
-        it completes, releasing it on the cluster."""
-        from distributed import as_completed
-
-        futures = self.client.compute(list(tasks))
-        order = {f.key: i for i, f in enumerate(futures)}
-        for future in as_completed(futures):
-            place(order[future.key], future.result())
-            future.release()
-
-    def close(self):
-        self.client.cancel(list(self.blocks.values()))
-        self.blocks = {}
-
-
-def _runner(data, order, chunks):
-    """The run for the scheduler ``dask.compute`` would use now: a current
-    ``distributed`` Client, else the local scheduler ``dask.config`` names,
-    else the threaded scheduler on all cores (``dask.system.CPU_COUNT``)."""
-    from distributed import Client
-
-    get = dask.base.get_scheduler()
-    # a Client is Dask's scheduler as its bound `get`
-    client = getattr(get, "__self__", None)
-    if isinstance(client, Client):
-        return _DistributedRun(client, data, order, chunks)
-    return _LocalRun(data, order, {} if get is not None else {"scheduler": "threads"})
-
-
-def _predict_piece(block, fitted: FittedModels, radius, shift, clip, dtype,
-                   values=True, minima=False) -> _Piece:
-    """One prediction task: its block's values (shifted by ``shift``,
-    clipped, cast to ``dtype``) and/or the per-volume minima of the
-    unshifted prediction."""
+def _predict_piece(block, fitted: FittedModels, spec: _Pass) -> _Piece:
+    """One prediction task: its block's values (shifted, clipped, cast to
+    ``spec.dtype``) and/or the per-volume minima of the unshifted
+    prediction."""
     with OneBlasThread():
-        block = _canonical(block, rows_order(block))
-        if not values:
-            lowest = block_prediction_minima(block, radius, fitted.plan,
+        block = contiguous(block, rows_order(block))
+        if spec.dtype is None:
+            lowest = block_prediction_minima(block, spec.radius, fitted.plan,
                                              dtype=fitted.calc_dtype)
             return _Piece(None, lowest)
-        running = _RunningMin(block.shape[-1]) if minima else None
-        steps = [f for f in (running, _clip_negatives if clip else None) if f is not None]
+        running = _RunningMin(block.shape[-1]) if spec.minima else None
+        steps = [f for f in (running, _clip_negatives if spec.clip else None)
+                 if f is not None]
 
         def transform(piece):
             for step in steps:
                 piece = step(piece)
             return piece
 
-        out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
-                       dtype=dtype, order=rows_order(block))
-        predict_block(block, radius, fitted.plan, out=out, dtype=fitted.calc_dtype,
-                      offset=shift, transform=transform if steps else None)
+        out = np.empty(_interior(block, spec.radius).shape[:3] + (block.shape[-1],),
+                       dtype=spec.dtype, order=rows_order(block))
+        predict_block(block, spec.radius, fitted.plan, out=out, dtype=fitted.calc_dtype,
+                      offset=spec.shift, transform=transform if steps else None)
         return _Piece(out, None if running is None else running.value)
 
 
-def _predict_pass(run, pieces: da.Array, target, fitted, radius, *, shift=None,
-                  clip=False, values=True, minima=False):
+def _predict_pass(executor, pieces: da.Array, target, fitted, spec: _Pass):
     """Run one prediction pass over ``pieces``; write each piece's values
     into ``target`` (in this process) and return the per-volume minimum of
-    the prediction (when ``minima``, or for a minima-only pass)."""
-    halo = with_halo(pieces, radius).to_delayed().reshape(-1)
+    the prediction (when ``spec.minima``, or for a minima-only pass)."""
+    halo = with_halo(pieces, spec.radius).to_delayed().reshape(-1)
     task = dask.delayed(_predict_piece, pure=True)
     fitted_key = _one_key(fitted)
-    tasks = [task(b, fitted_key, radius, shift, clip, target.dtype, values, minima)
-             for b in halo]
-    regions = [slc[:3] for _, slc in _grid(pieces.chunks)]
+    tasks = [task(b, fitted_key, spec) for b in halo]
+    regions = [slc[:3] for _, slc in chunk_grid(pieces.chunks)]
     lowest = np.full(pieces.shape[3], np.inf)
 
     def place(i, piece):
         if piece.values is not None:
             target[regions[i]] = piece.values
+            piece.values = None  # written: not held until the pass ends
         if piece.minima is not None:
             np.minimum(lowest, piece.minima, out=lowest)
 
-    run.stream(tasks, place)
+    executor.stream(tasks, place)
     return lowest
 
 
-def denoise_into(data: np.ndarray, target: np.ndarray, groups: list[Group], radius, *,
-                 chunks=None, model="ols", alpha=1.0, mask=None, shift_intensity=True,
-                 clip_negative_vals=False, check_finite=True, calc_dtype=np.float64):
+def _fit(executor, arr: da.Array, spec: DenoiseSpec, check_finite: bool) -> FittedModels:
+    """Pass 1 on ``executor``, then the solve (here)."""
+    radius = spec.radius
+    lanes = in_memory_sizes(arr.shape, radius)[1]
+    graph = summarize(arr, spec.groups, radius, spec.mask, check_finite, lanes=lanes)
+    # with a patch, no more threads than lanes (see run.passes.statistics)
+    summary = executor.compute(graph, threads=lanes if any(radius) else None)
+    # the summary came back to this process and is read by nothing else
+    return fit_models(summary, spec.groups, radius, spec.model, spec.alpha,
+                      spec.calc_dtype, spend=True)
+
+
+def _predict(executor, pieces: da.Array, target, fitted, spec: DenoiseSpec):
+    """The prediction passes into ``target``; the minima of the unshifted
+    prediction when a float target is still to be shifted, else None."""
+    floating = np.issubdtype(target.dtype, np.floating)
+    shift = None
+    if spec.shift_intensity and not floating:
+        # an integer target needs the shift before the cast
+        lowest = _predict_pass(executor, pieces, target, fitted, _Pass(spec.radius))
+        shift = intensity_shift(fitted.minima, lowest)
+    later = spec.shift_intensity and floating
+    lowest = _predict_pass(executor, pieces, target, fitted,
+                           _Pass(spec.radius, shift, spec.clip_negative_vals,
+                                 target.dtype, minima=later))
+    return lowest if later else None
+
+
+def denoise_into(data: np.ndarray, target: np.ndarray, spec: DenoiseSpec, *, chunks=None,
+                 check_finite=True, executor=None):
     """The whole method for a NumPy array, into the NumPy array ``target``.
 
-    Runs on the scheduler ``dask.compute`` would use (a current
-    ``distributed`` Client, ``dask.config``'s scheduler, else threads on all
-    cores), with the same result bit for bit. Tasks return values; only this
-    process writes into ``target``.
+    Tasks return values; only this process writes into ``target``. The result
+    is the same bit for bit on every executor.
 
     Parameters
     ----------
     data : ndarray (x, y, z, n)
     target : ndarray, shape of ``data``, any dtype
         The output (integers are rounded and clipped to their range).
-    groups : list of Group
-    radius : tuple of int
+    spec : DenoiseSpec
+        Groups, radius and the options that change the result.
     chunks : tuple of int, optional
-        Spatial chunk shape of the statistics pass (see :func:`as_chunked`).
-    model, alpha, mask, shift_intensity, clip_negative_vals, calc_dtype
-        As :func:`denoise`.
+        Spatial chunk shape of the statistics pass (see :func:`as_chunked`);
+        default :func:`~p2s_dask.graph.engine.in_memory_sizes`.
     check_finite : bool
         Count NaN/Inf values (skip when the caller has checked already).
+    executor : Executor, optional
+        Where the tasks run (left open); default
+        :func:`~.executors.current_executor`.
 
     Returns
     -------
@@ -326,28 +237,13 @@ def denoise_into(data: np.ndarray, target: np.ndarray, groups: list[Group], radi
     """
     if isinstance(data, da.Array) or target.shape != data.shape:
         raise TypeError("denoise_into takes a NumPy array and a target of its shape")
-    stats_chunks = as_chunked(data, chunks, radius).chunks
+    stats_chunks = as_chunked(data, chunks, spec.radius).chunks
     order = block_order(data)
-    run = _runner(data, order, stats_chunks)
-    try:
-        # with a patch, no more threads than lanes (see run.passes.statistics)
-        lanes = api_lanes(data.shape, radius)
-        summary = run.compute(summarize(run.array(stats_chunks), groups, radius, mask,
-                                        check_finite, lanes=lanes),
-                              threads=lanes if any(radius) else None)
-        # the summary came back to this process and is read by nothing else
-        fitted = fit_models(summary, groups, radius, model, alpha, calc_dtype, spend=True)
-        pieces = run.array(prediction_chunks(stats_chunks, radius, order))
-        floating = np.issubdtype(target.dtype, np.floating)
-        shift = None
-        if shift_intensity and not floating:
-            lowest = _predict_pass(run, pieces, target, fitted, radius, values=False)
-            shift = intensity_shift(fitted.minima, lowest)
-        lowest = _predict_pass(run, pieces, target, fitted, radius, shift=shift,
-                               clip=clip_negative_vals,
-                               minima=shift_intensity and floating)
-    finally:
-        run.close()
-    if shift_intensity and floating:
+    executor = executor or current_executor()
+    with executor.blocks_of(data, stats_chunks, order) as blocks:
+        fitted = _fit(executor, blocks.array(stats_chunks), spec, check_finite)
+        pieces = blocks.array(prediction_chunks(stats_chunks, spec.radius, order))
+        lowest = _predict(executor, pieces, target, fitted, spec)
+    if lowest is not None:
         target += intensity_shift(fitted.minima, lowest).astype(target.dtype)
     return target

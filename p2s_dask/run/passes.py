@@ -109,7 +109,7 @@ def provenance(run) -> dict:
     if run.mask is not None:
         options["mask"] = str(run.opts.mask)
     return {**(run.sidecar or {}),
-            "Sources": [str(run.inp)],
+            "Sources": list(run.opts.sources or [str(run.inp)]),
             "Description": "Denoised with Patch2Self (p2s-dask, exact regression from "
                            "sufficient statistics)",
             "P2SDask": {"Version": __version__, "Options": options,

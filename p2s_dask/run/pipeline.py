@@ -223,7 +223,7 @@ def describe_run(inp, out, bvals, bvecs, opts: Options) -> Run:
     labels = group_labels(opts.groups, bvals, opts.b0_threshold, opts.storage_options)
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
                          b0_denoising=opts.b0_denoising, groups=labels)
-    mask = _load_mask(opts.mask, shape, opts.storage_options)
+    mask = _load_mask(opts.mask, shape, opts.storage_options, meta.affine)
     check_fit_voxels(groups, mask, shape, radius, model, opts.alpha)
     # scaled integer input comes back as its integer type with a fitted
     # scl_slope (as nibabel writes it), unless --out-dtype says otherwise
@@ -365,8 +365,28 @@ def _default_out_dtype(meta):
     return meta.raw_dtype
 
 
-def _load_mask(mask, shape, storage_options):
-    """The mask as a bool array of the data's spatial shape (None: no mask)."""
+# how far a mask's affine may be from the data's and still be its grid:
+# headers hold float32 (about 1e-7 of a rotation's terms, 1e-5 mm of a
+# translation of 100 mm); a mask of another space is off by far more
+MASK_LINEAR_TOLERANCE, MASK_SHIFT_TOLERANCE = 1e-5, 1e-3
+
+
+def _check_mask_grid(mask, mask_affine, affine) -> None:
+    """Refuse a mask whose voxels are not the data's (another affine): its
+    shape alone may match a grid of another space."""
+    if affine is None or mask_affine is None:
+        return
+    diff = np.abs(np.asarray(mask_affine, float) - np.asarray(affine, float))
+    linear, shift = diff[:3, :3].max(), diff[:3, 3].max()
+    if linear > MASK_LINEAR_TOLERANCE or shift > MASK_SHIFT_TOLERANCE:
+        raise InputError(f"--mask {mask} is not on the data's grid: its affine differs "
+                         f"(by {shift:.3g} mm in translation, {linear:.3g} in the linear "
+                         "part); resample it to the data")
+
+
+def _load_mask(mask, shape, storage_options, affine=None):
+    """The mask as a bool array of the data's spatial shape (None: no mask),
+    on the data's grid (``affine``, the data's; None: not checked)."""
     if mask is None:
         return None
     import gzip
@@ -396,6 +416,7 @@ def _load_mask(mask, shape, storage_options):
     if arr.shape[:3] != shape[:3] or (arr.ndim == 4 and arr.shape[3] != 1) or arr.ndim > 4:
         raise InputError(f"--mask has shape {arr.shape} but the data's spatial shape is "
                          f"{shape[:3]}")
+    _check_mask_grid(mask, img.affine, affine)
     arr = arr.reshape(shape[:3]) > 0
     if np.count_nonzero(arr) < 2:
         raise InputError(f"--mask {mask} selects {np.count_nonzero(arr)} voxel(s): too "
