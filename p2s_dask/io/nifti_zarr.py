@@ -14,6 +14,7 @@ NIfTI) reading each chunk at most twice is enough, it is skipped.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import posixpath
 import sys
@@ -40,11 +41,14 @@ from .zarr_store import (
     discard,
     mark_complete,
     open_image,
+    is_unfinished,
     write_region,
     zarr_concurrency,
 )
 
 __all__ = ["nifti_to_zarr", "zarr_to_nifti"]
+
+logger = logging.getLogger("p2s_dask")
 
 # writing a NIfTI straight from the store decodes every chunk once per pass;
 # a second decode costs about what the scratch file's write, read and
@@ -138,6 +142,7 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
     _check_kinds(src, "nifti", dst, "zarr")
     limit = parse_memory_limit(memory_limit)
     return_freed_memory()
+    overwrite = overwrite or _unfinished(dst, storage_options)
     if not overwrite and exists(dst, storage_options):
         raise OutputExistsError(f"{os.fspath(dst)} already exists")
     with NiftiReader(src, storage_options) as reader:
@@ -180,6 +185,16 @@ def nifti_to_zarr(src, dst, *, chunks=None, memory_limit=DEFAULT_MEMORY_LIMIT, b
         finally:
             trim()
     return meta
+
+
+def _unfinished(dst, storage_options) -> bool:
+    """``dst`` is a store of ours whose writing never finished (a killed
+    conversion): no one's data, so the same command redoes it."""
+    if kind_of(dst) != "zarr" or not exists(dst, storage_options) \
+            or not is_unfinished(dst, storage_options):
+        return False
+    logger.warning("%s: an unfinished conversion (killed?) is redone", os.fspath(dst))
+    return True
 
 
 def _runs(the_plan):

@@ -314,6 +314,18 @@ def create_dwi_store(url, shape, dtype, chunks, meta: DwiMeta, *, overwrite=Fals
         raise
 
 
+def is_unfinished(url, storage_options=None) -> bool:
+    """Whether ``url`` holds a store of ours whose writing never finished
+    (its pending record is ours; the array may not even exist yet)."""
+    store = zarr_store(url, storage_options, read_only=True)
+    with user_errors(url, "reading"):
+        pending = _get_json(store, PENDING_KEY)
+    if isinstance(pending, dict) and _ours(pending.get(ATTRS_KEY)):
+        return True  # (zarr may have written an empty root group already)
+    kind, attrs, _ = _inspect(url, storage_options)
+    return kind == "ours" and not attrs.get("complete", False)
+
+
 def _inspect(url, storage_options, mode="r"):
     """``(kind, attrs, group)`` of what is at ``url``.
 
