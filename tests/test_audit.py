@@ -78,15 +78,19 @@ def test_single_runs_with_report_log_and_sidecars(tmp_path):
     write_dwi(tmp_path / "dwi.nii.gz", shape=(10, 9, 8))
     events = tmp_path / "events.jsonl"
     audited(events, "denoise", tmp_path / "dwi.nii.gz", tmp_path / "o.nii.gz",
-            "--report-json", tmp_path / "r.json", "--log-file", tmp_path / "run.log")
+            "--report-json", tmp_path / "r.json", "--log-file", tmp_path / "run.log",
+            "--report", tmp_path / "r.html")
     written = assert_all_planned(events, tmp_path)
     names = {Path(e["path"]).name for e in written}
-    assert {"o.nii.gz", "o.json", "o.bval", "r.json", "run.log"} <= names
+    assert {"o.nii.gz", "o.json", "o.bval", "r.json", "run.log", "r.html",
+            "o_noise.nii.gz"} <= names
     # .nii in place to .nii, and to a Zarr store, and that store denoised back
     write_dwi(tmp_path / "raw.nii", shape=(10, 9, 8), seed=3)
     for src, dst in (("raw.nii", "p.nii"), ("raw.nii", "q.zarr"), ("q.zarr", "z.nii.gz")):
         events = tmp_path / f"events-{dst}.jsonl"
         extra = ["--bvals", tmp_path / "raw.bval"] if src.endswith("zarr") else []
+        # a Zarr output's report too: its noise map is a NIfTI beside it
+        extra += ["--report", tmp_path / f"{dst}.html"] if dst.endswith("zarr") else []
         audited(events, "denoise", tmp_path / src, tmp_path / dst, *extra)
         assert_all_planned(events, tmp_path)
 
@@ -115,13 +119,19 @@ def test_batch_and_bids(dataset, tmp_path):  # noqa: F811
     audited(events, "bids", dataset, tmp_path / "deriv", "participant")
     written = assert_all_planned(events, tmp_path)
     assert any(e["path"].endswith("dataset_description.json") for e in written)
+    # the QC report: each subject's page, its runs' figures and noise maps
+    names = {Path(e["path"]).name for e in written}
+    assert {"sub-01.html", "sub-02.html"} <= names
+    assert any(n.endswith("_desc-p2smosaic_dwi.png") for n in names)
+    assert any(n.endswith("_desc-p2snoise_dwimap.nii.gz") for n in names)
 
 
 def test_killed_run_and_its_resume(tmp_path):
     write_dwi(tmp_path / "dwi.nii.gz", shape=(10, 9, 8))
     out = tmp_path / "o.nii.gz"
     events = tmp_path / "events-killed.jsonl"
-    proc = audited(events, "denoise", tmp_path / "dwi.nii.gz", out, wait=False,
+    report = ["--report", tmp_path / "r.html"]  # its summaries go in the work store too
+    proc = audited(events, "denoise", tmp_path / "dwi.nii.gz", out, *report, wait=False,
                    env={"P2S_DASK_PAUSE_BEFORE": "predict"})
     paused = Path(str(out) + ".p2s-work") / "paused-predict"
     deadline = time.time() + 120
@@ -132,7 +142,7 @@ def test_killed_run_and_its_resume(tmp_path):
     proc.wait()
     assert_all_planned(events, tmp_path)
     events = tmp_path / "events-resumed.jsonl"
-    audited(events, "denoise", tmp_path / "dwi.nii.gz", out)
+    audited(events, "denoise", tmp_path / "dwi.nii.gz", out, *report)
     assert_all_planned(events, tmp_path)
     assert out.exists() and not paused.parent.exists()
 

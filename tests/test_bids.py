@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from p2s_dask.fronts.bids import ENTITIES, parse_name
+from p2s_dask.planning.paths import QC_FIGURES
 from p2s_dask.fronts.cli import main
 
 from test_faults import write_dwi
@@ -45,12 +46,17 @@ def dataset(tmp_path):
     return root
 
 
-def expected_tree(out):
+def expected_tree(out, report=True):
     files = {"dataset_description.json"}
     for sub, ses, run in RUNS:
         folder = "/".join([f"sub-{sub}"] + ([f"ses-{ses}"] if ses else []) + ["dwi"])
         for ext in (".nii.gz", ".bval", ".bvec", ".json"):
             files.add(f"{folder}/{_stem(sub, ses, run)}_desc-p2s_dwi{ext}")
+        if report:  # the QC report, in NiPreps' layout, and the noise map
+            stem = _stem(sub, ses, run)
+            files |= {f"sub-{sub}.html", f"{folder}/{stem}_desc-p2snoise_dwimap.nii.gz",
+                      f"sub-{sub}/figures/{stem}_desc-p2sreport_dwi.html"}
+            files |= {f"sub-{sub}/figures/{stem}_desc-p2s{f}_dwi.png" for f in QC_FIGURES}
     return files
 
 
@@ -66,9 +72,10 @@ def test_bids_app_writes_the_derivative_tree(dataset, tmp_path, capsys):
     assert sum("denoised" in line and line.startswith("p2s-dask: [") for line in lines) == 4
     assert "4 denoised, 0 skipped, 0 failed" in lines[-1]
     # the names follow the BIDS rules: known entities, specification order
-    for rel in tree(out) - {"dataset_description.json"}:
+    pages = {"sub-01.html", "sub-02.html"}  # NiPreps' names of the subjects' pages
+    for rel in tree(out) - {"dataset_description.json"} - pages:
         name = parse_name(Path(rel).name)
-        assert name is not None and name.get("desc") == "p2s", rel
+        assert name is not None and name.get("desc").startswith("p2s"), rel
         keys = [k for k, _ in name.entities]
         assert keys == sorted(keys, key=ENTITIES.index)
     desc = json.loads((out / "dataset_description.json").read_text())
@@ -97,7 +104,7 @@ def test_participant_and_session_labels(dataset, tmp_path, capsys):
     out = tmp_path / "d"
     assert main(["bids", str(dataset), str(out), "participant", "--participant-label",
                  "01", "--session-label", "b", "--quiet"]) == 0
-    assert {p for p in tree(out) if p.endswith(".nii.gz")} == {
+    assert {p for p in tree(out) if p.endswith("_dwi.nii.gz")} == {
         "sub-01/ses-b/dwi/sub-01_ses-b_acq-multiband_desc-p2s_dwi.nii.gz"}
     capsys.readouterr()
     assert main(["bids", str(dataset), str(out), "participant", "--participant_label",
@@ -303,7 +310,8 @@ def test_failed_runs_leave_no_folders(dataset, tmp_path, capsys, monkeypatch):
     assert "2 denoised, 0 skipped, 2 failed" in lines[-1]
     assert any("NaN" in line or "finite" in line for line in lines if "ses-b" in line), lines
     assert sorted(p.relative_to(tmp_path / "d").as_posix()
-                  for p in (tmp_path / "d").rglob("*") if p.is_dir()) == ["sub-02", "sub-02/dwi"]
+                  for p in (tmp_path / "d").rglob("*") if p.is_dir()) == [
+        "sub-02", "sub-02/dwi", "sub-02/figures"]  # the QC report's figures
 
 
 def test_a_mask_on_another_grid_is_refused(tmp_path, capsys):

@@ -513,3 +513,29 @@ def test_blocks_of_an_array_in_its_layout(order, threads_cluster):
                 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
+
+
+def _misaligned(array, order):
+    """A copy of ``array`` in ``order`` whose values start 3 bytes off their
+    alignment, as an array can arrive in a network buffer."""
+    raw = np.empty(array.nbytes + 64, np.uint8)
+    start = (-raw.ctypes.data) % 64 + 3
+    out = raw[start:start + array.nbytes].view(array.dtype).reshape(array.shape, order=order)
+    out[...] = array
+    return out
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_blocks_are_realigned_in_their_layout(order):
+    from p2s_dask.graph.engine import aligned
+    from p2s_dask.run.executors import contiguous
+
+    values = np.arange(4 * 5 * 6 * 3, dtype="f8").reshape(4, 5, 6, 3)
+    block = _misaligned(values, order)
+    assert not block.flags.aligned
+    for fixed in (contiguous(block, order), aligned(block)):
+        assert fixed.flags.aligned and fixed.flags[f"{order}_CONTIGUOUS"]
+        np.testing.assert_array_equal(fixed, values)
+    # an aligned block is not copied
+    ok = np.asarray(values, order=order)
+    assert contiguous(ok, order) is ok and aligned(ok) is ok

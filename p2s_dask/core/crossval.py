@@ -23,7 +23,17 @@ folds (J-invariance, as in Noise2Self). Whole slabs also keep spatially
 correlated noise (parallel imaging, interpolation) from linking a held-out
 voxel to its training neighbours. The K-fold error estimates the error against
 the noise-free signal plus the noise variance, so it ranks settings as the
-truth does.
+truth does,
+with one caveat: Patch2Self denoises the very voxels it fits (each voxel's own
+target is in its model's fit), and the variance such an in-sample prediction
+carries is about ``sigma^2 p / N`` for ``p`` regressors, where a held-out
+voxel's is about ``sigma^2 p / (N_train - p)``. With many fitting voxels per
+regressor (real data: ``N`` in the hundreds of thousands, ``p`` in the
+thousands) the two agree; with few (a small image or mask, many volumes,
+``r = 1``) the K-fold error overstates the cost of the larger model, and the
+choice leans to the smaller radius or the larger penalty. Each row of the
+table carries ``regressors`` and the table ``train_voxels`` (the smallest
+training set) so a caller can see that ratio.
 
 Entry points
 ------------
@@ -311,12 +321,16 @@ def penalty_grid(stats: Stats, n_offsets: int, exponents=PENALTY_EXPONENTS) -> n
     -------
     ndarray of float
     """
-    m = stats.n_features // n_offsets
-    centres = np.arange(m) * n_offsets + n_offsets // 2
-    scale = float(np.diag(stats.scatter)[centres].mean()) if m else 0.0
+    scale = _scale(stats, n_offsets)
     if not scale > 0:
         raise ValueError("the statistics have no variance: no penalty scale")
     return scale * 10.0 ** np.asarray(exponents, dtype=np.float64)
+
+
+def _scale(stats: Stats, n_offsets: int) -> float:
+    """Mean diagonal of the scatter over the centre features."""
+    centres = _targets(stats.n_features, n_offsets)
+    return float(np.diag(stats.scatter)[centres].mean()) if centres.size else 0.0
 
 
 # -- fitting and held-out errors ----------------------------------------------
@@ -416,7 +430,7 @@ def fold_errors(train: Stats, fold: Stats, n_offsets: int, lams) -> np.ndarray:
 
 # -- scores --------------------------------------------------------------------
 
-def _settings(radius, radii, penalties, ols) -> list[Setting]:
+def _settings(radii, penalties, ols) -> list[Setting]:
     settings = []
     for r in radii:
         if ols:
@@ -459,27 +473,43 @@ def score_group(folds: Sequence[Stats | Callable[[], Stats]], radius, radii=None
     Returns
     -------
     dict
-        ``volumes``, ``radius``, ``count``, ``fold_counts``, ``scale`` (the
-        penalty grid's) and ``candidates``: per setting its
-        :meth:`Setting.as_dict` plus ``error`` (sum over folds and volumes),
-        ``mse`` (per fitting voxel and volume), ``per_volume`` and
-        ``per_fold``.
+        ``volumes``, ``radius``, ``count``, ``fold_counts``, ``train_voxels``,
+        ``scale`` (of the penalty grid) and ``candidates``: per setting its
+        :meth:`Setting.as_dict` plus ``regressors`` (per volume), ``error``
+        (sum over folds and volumes), ``mse`` (per fitting voxel and volume),
+        ``per_volume`` and ``per_fold``. No candidates for a group of one
+        volume (nothing to regress it on: it is passed through).
     """
     radius = tuple(int(r) for r in radius)
-    p_big = patch_size(radius)
     if total is None:
         total = merge_all(_formed(f) for f in folds)
-    m = total.n_features // p_big
-    if m < 2:  # one volume: nothing to regress it on (passed through)
-        return {"volumes": int(m), "radius": list(radius), "count": int(total.count),
-                "fold_counts": [], "scale": None, "candidates": []}
+    m = total.n_features // patch_size(radius)
+    table = {"volumes": int(m), "radius": list(radius), "count": int(total.count)}
+    if m < 2:
+        return dict(table, fold_counts=[], train_voxels=0, scale=None, candidates=[])
     radii = candidate_radii(radius) if radii is None else [tuple(int(x) for x in r)
                                                            for r in radii]
     if penalties is None:
-        penalties = penalty_grid(total, p_big)
-    settings = _settings(radius, radii, penalties, ols)
+        penalties = penalty_grid(total, patch_size(radius))
+    settings = _settings(radii, penalties, ols)
+    errors, counts = _fold_errors_all(folds, total, radius, settings)
+    rows = []
+    for s, e in zip(settings, errors):
+        rows.append(dict(s.as_dict(), regressors=(m - 1) * patch_size(s.radius),
+                         error=float(e.sum()), mse=float(e.sum() / max(total.count * m, 1)),
+                         per_volume=e.sum(axis=0).tolist(), per_fold=e.sum(axis=1).tolist()))
+    scale = _scale(total, patch_size(radius)) if len(penalties) else None
+    return dict(table, fold_counts=counts, train_voxels=int(total.count - max(counts)),
+                scale=scale, candidates=rows)
+
+
+def _fold_errors_all(folds, total: Stats, radius, settings):
+    """Held-out errors ``(settings, folds, volumes)`` and the fold counts;
+    each fold is formed once, and scored at every radius while held."""
+    m = total.n_features // patch_size(radius)
     errors = np.zeros((len(settings), len(folds), m))
     counts = []
+    radii = list(dict.fromkeys(s.radius for s in settings))
     for k, fold in enumerate(folds):
         fold = _formed(fold)
         counts.append(int(fold.count))
@@ -492,23 +522,7 @@ def score_group(folds: Sequence[Stats | Callable[[], Stats]], radius, radii=None
             sub_fold, sub_total = _subset(fold, idx), _subset(total, idx)
             errors[rows, k] = fold_errors(unmerge(sub_total, sub_fold), sub_fold,
                                           patch_size(r), [settings[i].lam for i in rows])
-    return _table(settings, errors, total, counts, radius, penalties, p_big)
-
-
-def _table(settings, errors, total, counts, radius, penalties, p_big) -> dict:
-    """The plain-data table of :func:`score_group`."""
-    m = errors.shape[2]
-    rows = []
-    for s, e in zip(settings, errors):
-        row = s.as_dict()
-        row.update(error=float(e.sum()), mse=float(e.sum() / max(total.count * m, 1)),
-                   per_volume=e.sum(axis=0).tolist(), per_fold=e.sum(axis=1).tolist())
-        rows.append(row)
-    scale = None
-    if len(penalties):
-        scale = float(penalty_grid(total, p_big, [0.0])[0])
-    return {"volumes": int(m), "radius": list(radius), "count": int(total.count),
-            "fold_counts": counts, "scale": scale, "candidates": rows}
+    return errors, counts
 
 
 def score(groups: Mapping[str, Sequence], radius, radii=None, penalties=None,

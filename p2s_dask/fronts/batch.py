@@ -117,7 +117,8 @@ def decide(pair: Pair, opts: Options) -> Job:
         return Job(pair, "fail", str(exc))
 
 
-def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()):
+def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest(),
+               ours=frozenset()):
     """Decide every pair and check the batch's manifest once.
 
     Parameters
@@ -129,6 +130,9 @@ def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()
         The gradients of every ``(IN, OUT)`` tuple (``--bvals``/``--bvecs``).
     extra : Manifest
         What the front writes besides the runs (folders, a log, BIDS files).
+    ours : set of str
+        Keys of existing targets of ``extra`` that the front may replace
+        (a BIDS dataset's QC reports of its own).
 
     Returns
     -------
@@ -152,7 +156,7 @@ def plan_batch(pairs, opts: Options, *, bvals=None, bvecs=None, extra=Manifest()
         manifest += own if job.todo == "run" else Manifest(reads=own.reads)
     check_layout(manifest)
     problems = check_existing(manifest, overwrite=opts.overwrite,
-                              ours=set().union(*[j.ours for j in jobs]),
+                              ours=set(ours).union(*[j.ours for j in jobs]),
                               storage_options=opts.storage_options)
     for job in jobs:
         if job.todo == "run" and job.inp in problems:

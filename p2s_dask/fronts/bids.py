@@ -397,3 +397,113 @@ def bids_manifest(runs, output_dir, *, keep_description: bool) -> Manifest:
         manifest += Manifest(writes=(Write("description", Place.of(description_url(root)),
                                            How.KEEP, flag="OUTPUT_DIR"),))
     return manifest
+
+
+# -- the QC report, in NiPreps' layout ----------------------------------------------
+# OUTPUT_DIR/sub-XX.html, one page per subject; each run's figures and section
+# under OUTPUT_DIR/sub-XX/figures/, named after the run with desc-p2s<figure>;
+# its noise map beside its derivative as <entities>_desc-p2snoise_dwimap.nii.gz:
+# desc is the specification's entity for a derivative's kind, and dwimap the
+# suffix that the diffusion derivatives proposal (BEP016, as QSIRecon writes
+# it) gives a voxel-wise map computed from DWI; a _dwi suffix would claim a
+# 4D image with gradients (and make the map a DWI run to BIDS tools)
+NOISE_DESC, SECTION_DESC = "p2snoise", "p2sreport"
+
+
+def figures_folder(output_dir, run: DwiRun) -> str:
+    """Where a run's reportlets go: ``OUTPUT_DIR/sub-XX/figures``."""
+    return join(str(output_dir), f"sub-{run.name.get('sub')}/figures")
+
+
+def page_url(output_dir, subject) -> str:
+    """A subject's report page: ``OUTPUT_DIR/sub-XX.html``."""
+    return join(str(output_dir), f"sub-{subject}.html")
+
+
+def report_urls(run: DwiRun, output_dir) -> dict:
+    """``{manifest role: path}`` of a run's noise map and reportlets."""
+    from ..planning.paths import QC_FIGURES, QC_NOISE, QC_SECTION, qc_figure_role
+
+    def named(desc, suffix, extension):
+        return str(BidsName(run.name.with_entity("desc", desc).entities, suffix, extension))
+
+    folder = figures_folder(output_dir, run)
+    urls = {QC_NOISE: join(run.folder, named(NOISE_DESC, "dwimap", ".nii.gz")),
+            QC_SECTION: join(folder, named(SECTION_DESC, "dwi", ".html"))}
+    urls.update({qc_figure_role(f): join(folder, named(f"p2s{f}", "dwi", ".png"))
+                 for f in QC_FIGURES})
+    return urls
+
+
+def report_targets(runs, output_dir, matplotlib=None) -> Manifest:
+    """What the QC report of ``bids`` writes: each subject's page and
+    figures folder, each run's noise map and reportlets (the run's own),
+    and matplotlib's caches in ``matplotlib``."""
+    from ..planning.paths import QC_NOISE, report_manifest
+    root = join(str(output_dir), "").rstrip("/")
+    manifest = report_manifest("", matplotlib=matplotlib, flag="OUTPUT_DIR")
+    for sub in dict.fromkeys(r.name.get("sub") for r in runs):
+        manifest += report_manifest("", pages=[page_url(root, sub)], flag="OUTPUT_DIR")
+    for r in runs:
+        # made when the run starts (and removed if it fails and is empty)
+        manifest += folders_between(root, figures_folder(root, r), flag="OUTPUT_DIR",
+                                    label=r.path)
+        urls = report_urls(r, root)
+        manifest += report_manifest(r.path, noise=urls.pop(QC_NOISE), reportlets=urls,
+                                    flag="OUTPUT_DIR")
+    return manifest
+
+
+def subject_pages(runs, output_dir, outcomes, manifest, storage_options=None) -> None:
+    """Write the page of each subject that a run of this invocation
+    denoised (or whose runs were done before and that has none yet), from
+    the sections its runs left.
+
+    Parameters
+    ----------
+    runs : list of DwiRun
+    output_dir : str
+    outcomes : list of Outcome
+        Of the batch, in the order of ``runs``.
+    manifest : Manifest
+        The checked manifest (it holds the pages).
+    storage_options : dict, optional
+    """
+    from ..planning.paths import QC_PAGE, QC_SECTION
+    from ..report import subject_page
+    from ..run.targets import put_text
+    root = join(str(output_dir), "").rstrip("/")
+    pages = {w.place.key: w for w in manifest.targets(QC_PAGE)}
+    for sub in dict.fromkeys(r.name.get("sub") for r in runs):
+        mine = [(r, o) for r, o in zip(runs, outcomes) if r.name.get("sub") == sub]
+        target = pages.get(canonical(page_url(root, sub)))
+        # a page is made again with its runs; one that is missing while its
+        # runs were done before is made too; runs that all failed make none
+        statuses = {o.status for _, o in mine}
+        if target is None or not ("denoised" in statuses or (
+                "skipped" in statuses and not exists(target.place.url, storage_options))):
+            continue
+        sections = [report_urls(r, root)[QC_SECTION] for r, _ in mine]
+        texts = [_read_text(u, storage_options) for u in sections]
+
+        def read(i, name, sections=sections):
+            # a figure that section i names, beside it
+            return _read_bytes(posixpath.join(posixpath.dirname(sections[i]), name),
+                               storage_options)
+
+        page = subject_page(f"p2s-dask QC report: sub-{sub}",
+                            [(r.label, t) for (r, _), t in zip(mine, texts)], read)
+        put_text(target, page, storage_options)
+
+
+def _read_bytes(url, storage_options=None) -> bytes:
+    fs, path = fs_and_path(url, storage_options)
+    with user_errors(url, "reading"), fs.open(path, "rb") as fh:
+        return fh.read()
+
+
+def _read_text(url, storage_options=None) -> str | None:
+    """A reportlet's text, or None when the run left none."""
+    if not exists(url, storage_options):
+        return None
+    return _read_bytes(url, storage_options).decode("utf-8")

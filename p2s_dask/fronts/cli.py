@@ -127,6 +127,11 @@ def _add_bids(sub):
                            "(default: none)")
     bids.add_argument("--dry-run", action="store_true",
                       help="print the plan of every run and every path, then exit")
+    bids.add_argument("--no-report", dest="report", action="store_false",
+                      help="no QC report (by default one page per subject, "
+                           "OUTPUT_DIR/sub-XX.html, with its figures under "
+                           "OUTPUT_DIR/sub-XX/figures/, and each run's noise map beside "
+                           "its output)")
     _options_args(bids)
 
 
@@ -163,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     den.add_argument("--report-json", default=None, metavar="FILE",
                      help="also write the run's timings and peak memory as JSON "
                           "(default: none)")
+    den.add_argument("--report", default=None, metavar="FILE",
+                     help="also write a QC report (one self-contained HTML page: mosaics, "
+                          "noise map, residuals per volume and slice with outlying volumes "
+                          "flagged, histogram, the run) and OUT's noise map beside OUT "
+                          "(OUT without its extension + _noise.nii.gz) (default: none)")
     den.add_argument("--dry-run", action="store_true",
                      help="print the plan (passes, chunks, memory, modes) and every path "
                           "the run would read or write, then exit")
@@ -261,6 +271,9 @@ def _denoise(args):
         return _denoise_one(args, opts, *args.paths)
     if args.report_json:
         raise InputError("--report-json is for one run (IN OUT)")
+    if args.report:
+        raise InputError("--report is for one run (IN OUT); p2s-dask bids writes one page "
+                         "per subject")
     from ..io.urls import join
     from ..planning.paths import folders_between, front_manifest
     pairs = [(p, join(args.out_dir, os.path.basename(p.rstrip("/"))))
@@ -272,11 +285,15 @@ def _denoise(args):
 
 def _denoise_one(args, opts, inp, out):
     from ..planning.checker import check
-    from ..planning.paths import front_manifest, run_manifest
+    from ..planning.paths import (QC_PAGE, front_manifest, noise_map_url, report_manifest,
+                                  run_manifest)
     from ..run.pipeline import denoise_file, describe_run, unfinished_work
     from ..run.targets import put_text
     manifest = run_manifest(inp, out, opts, bvals=args.bvals, bvecs=args.bvecs) \
         + front_manifest(report_json=args.report_json, log_file=args.log_file)
+    if args.report:
+        manifest += report_manifest(inp, noise=noise_map_url(out), pages=[args.report],
+                                    matplotlib=_matplotlib_dir(opts))
     check(manifest, overwrite=opts.overwrite, ours=lambda: unfinished_work(out, opts),
           storage_options=opts.storage_options)
     if args.dry_run:
@@ -295,16 +312,22 @@ def _denoise_one(args, opts, inp, out):
         for target in manifest.targets("report"):
             put_text(target, json.dumps(report.as_dict(), indent=1) + "\n",
                      opts.storage_options)
+        for target in manifest.targets(QC_PAGE):
+            from ..report import single_page
+            put_text(target, single_page(report.as_dict(), report.qc), opts.storage_options)
 
 
-def _run_many(args, opts, pairs, extra, before=None) -> int:
+def _run_many(args, opts, pairs, extra, before=None, after=None, ours=frozenset()) -> int:
     """A batch: decided and checked as a whole, then run; ``before(manifest)``
-    writes the front's own files once the check passed."""
+    writes the front's own files once the check passed, ``after(manifest,
+    outcomes)`` those that follow from the runs (``ours``: keys of the front's
+    existing targets it may replace)."""
     from ..run.pipeline import checked_options
     from .batch import denoise_many, plan_batch, table
     checked_options(opts)  # one bad option fails the batch, not each run
     bvals, bvecs = getattr(args, "bvals", None), getattr(args, "bvecs", None)
-    jobs, manifest = plan_batch(pairs, opts, bvals=bvals, bvecs=bvecs, extra=extra)
+    jobs, manifest = plan_batch(pairs, opts, bvals=bvals, bvecs=bvecs, extra=extra,
+                                ours=ours)
     if args.dry_run:
         return _dry_run(args, opts, [(j.inp, j.out, j.pair.bvals, j.pair.bvecs)
                                      for j in jobs if j.todo == "run"], manifest)
@@ -313,6 +336,8 @@ def _run_many(args, opts, pairs, extra, before=None) -> int:
         if before is not None and any(j.todo != "fail" for j in jobs):
             before(manifest)
         outcomes = denoise_many(jobs, manifest, opts)
+        if after is not None:
+            after(manifest, outcomes)
     print(table(outcomes))
     return 2 if any(o.status == "failed" for o in outcomes) else 0
 
@@ -328,6 +353,8 @@ def _bids(args):
     keep = keep_description(args.output_dir, args.bids_dir, opts.storage_options)
     extra = bids_manifest(runs, args.output_dir, keep_description=keep) \
         + front_manifest(log_file=args.log_file)
+    report, after, ours = _bids_report(args, runs, opts)
+
     def describe(manifest):
         from ..run.targets import make_folders, put_text
         from .bids import dataset_description
@@ -337,7 +364,36 @@ def _bids(args):
                      opts.storage_options)
 
     pairs = [run_pair(r, args.bvals, args.bvecs) for r in runs]
-    return _run_many(args, opts, pairs, extra, describe)
+    return _run_many(args, opts, pairs, extra + report, describe, after, ours)
+
+
+def _matplotlib_dir(opts) -> str:
+    """Where matplotlib keeps its caches while the report is drawn (a
+    target of the manifest: see :func:`~p2s_dask.planning.paths.matplotlib_dir`),
+    set for the matplotlib this process has not imported yet."""
+    from ..planning.paths import matplotlib_dir
+    folder = matplotlib_dir(opts.tmp_dir)
+    os.environ["MPLCONFIGDIR"] = folder
+    return folder
+
+
+def _bids_report(args, runs, opts):
+    """The QC report of ``bids``: its targets, the writer of the subjects'
+    pages, and the targets it may replace (all of them, in a derivative
+    dataset of ours: its reports are made again with their runs)."""
+    from ..io.urls import exists
+    from ..planning.manifest import Manifest
+    from .bids import description_url, report_targets, subject_pages
+    if not args.report:
+        return Manifest(), None, frozenset()
+    report = report_targets(runs, args.output_dir, _matplotlib_dir(opts))
+    # an existing description has been found ours (it would have stopped us)
+    ours = frozenset(w.place.key for w in report.writes) \
+        if exists(description_url(args.output_dir), opts.storage_options) else frozenset()
+
+    def after(manifest, outcomes):
+        subject_pages(runs, args.output_dir, outcomes, manifest, opts.storage_options)
+    return report, after, ours
 
 
 def _dry_run(args, opts, pairs, manifest) -> int:

@@ -106,12 +106,12 @@ class DenoiseSpec:
 
 # An in-memory call's budget: what the call may add to the data and the
 # output it holds already (so the process itself is not counted, as a file
-# run counts it). A fixed amount, not the machine's share that a file run
-# gets by default: the sizes set the order of the float sums, and the API
-# gives the same bits on every machine. A quarter of it goes to the blocks in
-# flight, the rest to the lanes of patch statistics, each an F x F scatter
-# and its working copies (0.5 GB for 160 volumes at r = 1): the file runs'
-# chunk_policy (with the lanes apart) and patch_lanes
+# run counts it). A fixed amount, not the share of the machine's memory that
+# a file run gets by default: the sizes set the order of the float sums, and
+# the API's answer does not change with the RAM. A quarter of it goes to the
+# blocks in flight, the rest to the lanes of patch statistics, each an F x F
+# scatter and its working copies (0.5 GB for 160 volumes at r = 1): the file
+# runs' chunk_policy (with the lanes apart) and patch_lanes
 IN_MEMORY_BUDGET = 2 << 30
 IN_MEMORY_BLOCKS_SHARE = 4
 
@@ -131,7 +131,7 @@ def in_memory_sizes(shape, radius=(0, 0, 0), memory_limit=None, threads=None):
     """Chunks and lanes of an in-memory run, by the file runs' budget rules.
 
     Sizes follow from the budget and the local scheduler's threads only,
-    never from where the run goes (a cluster's workers) or the machine's
+    never from where the tasks run (a cluster's workers) or the machine's
     memory: chunks and lanes set the order of the float sums, and the API's
     answer is the same bits on any executor.
 
@@ -248,6 +248,21 @@ class _StatsSpec:
     method: str = "auto"  # how patch statistics are computed
 
 
+def aligned(block: np.ndarray) -> np.ndarray:
+    """``block``, or its copy in the same layout when its values are not
+    aligned to their size.
+
+    ``distributed`` hands a task the arrays that came over the network in
+    the buffers they arrived in, at any byte offset. NumPy runs other loops
+    over unaligned values, which sum in another order (measured: the
+    statistics of a volume-major float64 block changed in the last bits), so
+    the same block would give other bits on a cluster than here.
+    """
+    if block.flags.aligned:
+        return block
+    return block.copy(order="K")
+
+
 def _summarize_block(block, mask, origin, spec: _StatsSpec) -> Summary:
     # one BLAS thread wherever the task runs: the thread count may change the
     # order of float sums, and a run must give the same bits on any executor
@@ -259,6 +274,7 @@ def _block_summary(block, mask, origin, spec: _StatsSpec, running=None) -> Summa
     """One block's :class:`Summary`; with ``running`` (a lane's entries, see
     :func:`_lane_step`) lag statistics are added into its :class:`LagSum`."""
     groups, radius, method = spec.groups, spec.radius, spec.method
+    block = aligned(block)
     inner = _interior(block, radius)
     n = block.shape[-1]
     summary = Summary(stats=[], minima=_volume_minima(inner))
@@ -536,12 +552,14 @@ def _clip_negatives(piece):
 
 
 def _predict_min_chunk(block, fitted: FittedModels, radius):
+    block = aligned(block)  # as every task's block: see aligned()
     with OneBlasThread():
         lowest = block_prediction_minima(block, radius, fitted.plan, dtype=fitted.calc_dtype)
     return lowest.reshape(1, 1, 1, -1)
 
 
 def _predict_range_chunk(block, fitted: FittedModels, radius):
+    block = aligned(block)
     with OneBlasThread():
         both = block_prediction_range(block, radius, fitted.plan, dtype=fitted.calc_dtype)
     return both.reshape(1, 1, 1, 2, -1)
@@ -586,6 +604,7 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=N
     in the block's layout). ``scale`` multiplies the values before the cast
     (1 / scl_slope of a scaled integer output); ``counter`` (an
     :class:`Outside`) counts values the cast clips."""
+    block = aligned(block)  # see aligned()
     if out is None:
         out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
                        dtype=dtype, order=rows_order(block))

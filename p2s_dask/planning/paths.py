@@ -117,3 +117,92 @@ def folders_between(root, leaf_parent, *, flag, label="") -> Manifest:
     chain.append(root_s)
     return Manifest(writes=tuple(Write("folder", Place.of(p), How.FOLDER, label, flag)
                                  for p in reversed(chain)))
+
+
+# the figures of a run's QC report (p2s_dask.report.figures draws them) and
+# the manifest roles of the report's files
+QC_FIGURES = ("mosaic", "noise", "residuals", "histogram")
+QC_PAGE, QC_NOISE, QC_SECTION = "qc report", "noise map", "qc section"
+QC_MATPLOTLIB = "matplotlib cache"
+
+
+def matplotlib_dir(tmp_dir=None) -> str:
+    """Where matplotlib keeps its configuration and font cache while a run
+    draws its report (it writes the cache the first time it draws): the
+    user's ``MPLCONFIGDIR`` when set, else a folder of ours under
+    ``--tmp-dir`` (a local one) or the system's temporary folder, kept
+    between runs, never in the user's home. The fronts set it as
+    ``MPLCONFIGDIR`` before matplotlib is first imported."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return os.environ["MPLCONFIGDIR"]
+    # the folder tempfile would choose, named without its probe (which
+    # writes a file there)
+    system = next((os.environ[k] for k in ("TMPDIR", "TEMP", "TMP") if os.environ.get(k)),
+                  "/tmp")
+    base = str(tmp_dir) if tmp_dir and is_local(tmp_dir) else system
+    who = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(base, f"p2s-dask-matplotlib-{who}")
+
+
+def qc_figure_role(name) -> str:
+    """The manifest role of the QC figure ``name`` (one of :data:`QC_FIGURES`)."""
+    return f"qc figure {name}"
+
+
+def noise_map_url(out) -> str:
+    """Where ``denoise --report`` writes OUT's noise map: beside OUT, its
+    name without the image extension and ``_noise.nii.gz`` (``o.nii.gz`` ->
+    ``o_noise.nii.gz``, ``o.zarr`` -> ``o_noise.nii.gz``)."""
+    base = str(out).rstrip("/")
+    for ext in (".nii.gz", ".nii", ".zarr"):
+        if base.endswith(ext):
+            base = base[:-len(ext)]
+            break
+    return base + "_noise.nii.gz"
+
+
+def report_manifest(label, *, noise=None, reportlets=None, pages=(), matplotlib=None,
+                    flag="--report"):
+    """What a QC report writes.
+
+    Parameters
+    ----------
+    label : str
+        The run whose noise map and reportlets these are (its input, as a
+        batch labels it); the run writes them, and makes its summaries
+        only when its manifest holds its noise map.
+    noise : str, optional
+        The run's noise map.
+    reportlets : dict, optional
+        ``{role: path}`` of the run's figures (:func:`qc_figure_role`) and
+        its section (:data:`QC_SECTION`), for a page put together later.
+    pages : sequence of str
+        The pages the front writes (the invocation's own targets).
+    matplotlib : str, optional
+        The folder matplotlib may write its caches into
+        (:func:`matplotlib_dir`), for the invocation that draws figures.
+    flag : str
+        The option or argument that named them, for messages.
+
+    Returns
+    -------
+    Manifest
+    """
+    writes = [Write(QC_PAGE, Place.of(p), How.CREATE, flag=flag) for p in pages]
+    if noise:
+        writes.append(Write(QC_NOISE, Place.of(noise), How.CREATE, str(label), flag))
+    writes += [Write(role, Place.of(url), How.CREATE, str(label), flag)
+               for role, url in (reportlets or {}).items()]
+    roots = ()
+    if matplotlib:
+        place = Place.of(matplotlib)
+        writes.append(Write(QC_MATPLOTLIB, place, How.SCRATCH, flag=flag))
+        roots = (place.key,)
+    return Manifest(writes=tuple(writes), scratch_roots=roots)
+
+
+def qc_targets(manifest: Manifest, label) -> dict:
+    """``{role: Write}`` of the QC report's files that the run ``label``
+    writes itself (its noise map and reportlets) in ``manifest``."""
+    mine = {QC_NOISE, QC_SECTION} | {qc_figure_role(n) for n in QC_FIGURES}
+    return {w.role: w for w in manifest.writes if w.run == str(label) and w.role in mine}

@@ -547,10 +547,17 @@ def current_executor(memory_limit: int = DEFAULT_MEMORY_LIMIT) -> Executor:
 # -- the blocks of an in-memory array -------------------------------------------
 
 def contiguous(view, order: str):
-    """``view`` as a contiguous array in ``order`` (itself when it is one)."""
+    """``view`` as a contiguous array in ``order`` whose values are aligned
+    (itself when it is one).
+
+    A block scattered to a worker arrives in a network buffer at any byte
+    offset, and NumPy sums unaligned values in another order: realigned, a
+    block gives the same bits on every executor (see
+    :func:`p2s_dask.graph.engine.aligned`).
+    """
     import numpy as np
 
-    return np.require(view, requirements=order)
+    return np.require(view, requirements=[order, "ALIGNED"])
 
 
 def _sub_block(parent, index, order: str):
@@ -627,7 +634,9 @@ class ScatteredBlocks:
         import numpy as np
 
         if chunks == self.chunks:
-            return _task_array(dict(self.blocks), chunks, self.dtype)
+            # each block realigned on its worker (a copy only when it is not)
+            tasks = {idx: (contiguous, block, self.order) for idx, block in self.blocks.items()}
+            return _task_array(tasks, chunks, self.dtype)
         ends = [np.cumsum(c) for c in self.chunks[:3]]
         tasks = {}
         for idx, slc in chunk_grid(chunks):

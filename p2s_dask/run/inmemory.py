@@ -15,7 +15,8 @@ come from the budget alone (:func:`~p2s_dask.graph.engine.in_memory_sizes`),
 and the core picks its code path (and so its order of float sums) from a
 block's memory layout, so every task, wherever it runs, is given the same
 block: a contiguous array in the data's own layout, cut from the same chunks
-(:meth:`~.executors.Executor.blocks_of`). BLAS runs on one thread in every
+and aligned (a scattered block is realigned on its worker), see
+:meth:`~.executors.Executor.blocks_of`. BLAS runs on one thread in every
 task (its thread count may change the order of sums).
 """
 

@@ -31,10 +31,13 @@ from ..io.malloc import return_freed_memory, reuse_freed_memory
 from ..io.nifti_direct import open_nifti
 from ..io.nifti_memory import as_blocks, read_whole
 from ..io.sidecars import write_sidecars
-from ..io.urls import describe_error, is_local, local_path
+from ..io.urls import describe_error, is_local, local_path, user_errors
 from ..io.zarr_store import compressor_for, store_state
 from ..planning.plan import InputMode, OutputMode, Pass, Plan, region_key
 from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, Stream, ZarrSink
+from ..planning.paths import QC_NOISE
+from ..report import results as qc_results, write_noise_map
+from ..report import summaries as qc_summaries
 from ..config.validate import describe_nonfinite
 from .provenance import result_fingerprint
 from .workstore import stats_from_arrays, stats_to_arrays
@@ -101,19 +104,23 @@ def execute(run, plan: Plan, work, executor, report) -> None:
             PASSES[step.name](state, step)
 
 
-def provenance(run) -> dict:
+def provenance(run, qc=None) -> dict:
     """The output's ``.json`` sidecar: the input's fields, then what made it
-    (BIDS derivative ``Sources`` and ``Description``, our version and options)."""
+    (BIDS derivative ``Sources`` and ``Description``, our version and options)
+    and, from a run's QC report (``qc``, a QcResult), the volumes it flagged
+    (``FlaggedVolumes``, 0-based)."""
     options = run.opts.result_fields()
     options.update(out_dtype=str(run.out_dtype), calc_dtype=str(run.calc_dtype))
     if run.mask is not None:
         options["mask"] = str(run.opts.mask)
+    ours = {"Version": __version__, "Options": options, "Fingerprint": result_fingerprint(run)}
+    if qc is not None:
+        ours["FlaggedVolumes"] = qc.flagged_volumes
     return {**(run.sidecar or {}),
             "Sources": list(run.opts.sources or [str(run.inp)]),
             "Description": "Denoised with Patch2Self (p2s-dask, exact regression from "
                            "sufficient statistics)",
-            "P2SDask": {"Version": __version__, "Options": options,
-                        "Fingerprint": result_fingerprint(run)}}
+            "P2SDask": ours}
 
 
 class _Timer:
@@ -336,7 +343,10 @@ def predict_pass(state: Execution, step: Pass) -> None:
     # values are counted as they go
     post = state.post or Post(count_outside=np.issubdtype(run.out_dtype, np.integer))
     state.sink = make_sink(state, post.slope, sample_block(state))
-    clipped = predict(state, post, step)
+    spec = qc_spec(run) if QC_NOISE in run.qc else None
+    clipped, parts = predict(state, post, step, spec)
+    if spec is not None:
+        state.report.qc = qc_results.finish(parts, spec, run.bvals, run.groups)
     if clipped:
         logger.warning("%d denoised values fell outside the range of %s and were "
                        "clipped to it", clipped, run.out_dtype)
@@ -345,15 +355,19 @@ def predict_pass(state: Execution, step: Pass) -> None:
 
 
 def output_pass(state: Execution, step: Pass) -> None:
-    """Commit the sink (streaming a NIfTI out of its store or memory)."""
-    run = state.run
+    """Commit the sink (streaming a NIfTI out of its store or memory), then
+    write the noise map of a run with a QC report."""
+    run, qc = state.run, state.report.qc
     with _errors("writing the output"):
         if run.out_kind == "nifti":
             # the sidecars first: until the image is renamed into place
             # nothing at OUT looks complete
             write_sidecars(run.out, bvals=run.bvals, bvecs=run.meta.bvecs,
-                           metadata=provenance(run), storage_options=run.opts.storage_options)
+                           metadata=provenance(run, qc),
+                           storage_options=run.opts.storage_options)
         state.sink.commit(state.executor)
+        if qc is not None:
+            write_noise_map(run.qc[QC_NOISE], run.meta, qc.noise, run.opts.storage_options)
 
 
 def _direct_sink(state, meta, codec):
@@ -407,9 +421,16 @@ def sample_block(state: Execution):
     return state.executor.compute(values.blocks[middle], "sample")
 
 
-def predict(state: Execution, post: Post, step: Pass) -> int:
-    """Every chunk not yet done, predicted and written by the sink. Returns
-    how many values the cast to an integer output clipped."""
+def predict(state: Execution, post: Post, step: Pass, spec=None):
+    """Every chunk not yet done, predicted and written by the sink.
+
+    Returns
+    -------
+    (int, QcParts or None)
+        How many values the cast to an integer output clipped, and with a
+        QC ``spec`` the residual summaries of every block merged (those of
+        the chunks an earlier run did are read back from the work store).
+    """
     work, sink, executor = state.work, state.sink, state.executor
     done = work.done_regions()
     with _errors("creating the output"):
@@ -419,20 +440,28 @@ def predict(state: Execution, post: Post, step: Pass) -> int:
             work.remove("done")
         done = set()
     work.makedirs("done")
+    if spec is not None:
+        # a chunk done by a run that kept no summary of it is done again
+        work.makedirs(QC_FOLDER)
+        done &= _saved_summaries(work)
     executor.require_shared_files(_shared_files(sink))
-    tasks = _write_tasks(state, post, done)
+    tasks = _write_tasks(state, post, done, spec)
     if done:
         state.report.resumed.append(f"{len(done)} output chunks")
     try:
         with _errors("writing the output"):
-            counts = executor.compute(tasks, "predict", state.run.opts.progress,
-                                      threads=step.threads) if tasks else []
+            results = executor.compute(_gathered(tasks, spec), "predict",
+                                       state.run.opts.progress,
+                                       threads=step.threads) if tasks else []
             sink.finish(executor)
     except BaseException:
         sink.abort(executor)
         raise
     earlier = work.done_counts(done) if (done and post.count_outside) else 0
-    return int(sum(counts)) + earlier
+    if spec is None:
+        return int(sum(results)) + earlier, None
+    clipped, parts = results if tasks else (0, None)
+    return int(clipped) + earlier, _with_saved(parts, work, done)
 
 
 def _shared_files(sink):
@@ -451,6 +480,7 @@ class _Prediction:
     post: Post
     clip: bool
     dtype: object
+    qc: object = None  # a QcSpec: the block's residuals are summarised
 
 
 def _write_chunk(block, region, how: _Prediction, sink, work, key):
@@ -462,19 +492,32 @@ def _write_chunk(block, region, how: _Prediction, sink, work, key):
     out = engine.predict_chunk(block, how.fitted, how.radius, post.shift, how.clip, how.dtype,
                                out=buffer, scale=scale, counter=counter)
     clipped = 0 if counter is None else counter.count
-    # the marker goes after the data: a marked chunk is always fully written
-    sink.write(region, out, lambda: work.mark_done(key, clipped))
+    parts = None
+    if how.qc is not None:
+        # before the write: the writer may own ``out`` from then on
+        parts = qc_summaries.block_qc(block, out, [r.start for r in region], how.qc,
+                                      post.slope)
+    # the marker goes after the data (and the block's summary): a marked
+    # chunk is always fully written
+    sink.write(region, out, lambda: _mark_done(work, key, clipped, parts))
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
-    return clipped
+    return clipped if parts is None else (clipped, parts)
 
 
-def _write_tasks(state: Execution, post: Post, done):
+def _mark_done(work, key, clipped, parts):
+    if parts is not None:
+        work.save_arrays(f"{QC_FOLDER}/{key}.npz", **qc_summaries.to_arrays(parts))
+    work.mark_done(key, clipped)
+
+
+def _write_tasks(state: Execution, post: Post, done, spec=None):
     """One task per chunk of the plan whose region is not done yet."""
     run, plan = state.run, state.plan
     blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
-    how = dask.delayed(_Prediction(state.fitted, plan.radius, post, run.clip, run.out_dtype))
+    how = dask.delayed(_Prediction(state.fitted, plan.radius, post, run.clip, run.out_dtype,
+                                   spec))
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
     for idx, region in plan.regions():
@@ -482,6 +525,55 @@ def _write_tasks(state: Execution, post: Post, done):
         if key not in done:
             tasks.append(write(blocks[idx + (0,)], region, how, state.sink, state.work, key))
     return tasks
+
+
+# -- the QC report's summaries (see p2s_dask.report) ----------------------------------
+
+# where a run's chunks leave their residual summaries, in the work store
+QC_FOLDER = "qc"
+
+
+def qc_spec(run):
+    """What the prediction's tasks summarise of their residuals."""
+    return qc_summaries.make_spec(run.shape, run.bvals, run.groups, run.opts.b0_threshold,
+                                  run.radius)
+
+
+def _merge_results(*items):
+    """``(clipped, QcParts)`` of some blocks, summed and merged."""
+    return (sum(c for c, _ in items), qc_summaries.merge(*(p for _, p in items)))
+
+
+def _gathered(tasks, spec):
+    """The tasks as one value: their results in a tree of merges (fan-in
+    8, so that a few blocks' summaries wait at a time) with a QC ``spec``,
+    else the list of their clipped counts."""
+    if spec is None:
+        return tasks
+    merge = dask.delayed(_merge_results, pure=True)
+    while len(tasks) > 1:
+        tasks = [merge(*tasks[i:i + 8]) for i in range(0, len(tasks), 8)]
+    return tasks[0]
+
+
+def _saved_summaries(work) -> set:
+    """The regions whose residual summaries an earlier run saved."""
+    folder = f"{work.path}/{QC_FOLDER}"
+    with user_errors(work.url, "reading"):
+        work.fs.invalidate_cache(folder)
+        if not work.fs.exists(folder):
+            return set()
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in work.fs.ls(folder, detail=False)]
+    return {name[:-4] for name in names if name.endswith(".npz")}
+
+
+def _with_saved(parts, work, done):
+    """``parts`` with the saved summaries of the chunks ``done`` before,
+    read one at a time."""
+    for key in sorted(done):
+        saved = qc_summaries.from_arrays(work.load_arrays(f"{QC_FOLDER}/{key}.npz"))
+        parts = saved if parts is None else qc_summaries.merge(parts, saved)
+    return parts
 
 
 # each pass of a plan, by name

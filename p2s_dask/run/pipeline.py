@@ -44,7 +44,7 @@ from ..planning.plan import Data, Endpoint, Settings, Workers, make_plan
 from .passes import execute
 from ..planning.checker import check
 from ..planning.manifest import canonical
-from ..planning.paths import run_manifest, work_url
+from ..planning.paths import QC_SECTION, qc_targets, run_manifest, work_url
 from .lock import output_lock
 from .threads import single_threaded_blas
 from ..config.validate import (check_bvals, check_fit_voxels, check_options, check_precision,
@@ -68,16 +68,25 @@ class Report:
     resumed: list = field(default_factory=list)
     started_over: str = ""
     plan: dict = field(default_factory=dict)
+    # what the QC report shows of the run: its input and options, and the
+    # QcResult (p2s_dask.report.results) of a run asked for a report
+    input: str = ""
+    options: dict = field(default_factory=dict)
+    qc: object = None
 
     @property
     def voxels_per_second(self) -> float:
         return float(np.prod(self.shape[:3])) / max(self.seconds, 1e-9)
 
     def as_dict(self) -> dict:
-        return dict(output=self.output, shape=list(self.shape), stages=self.stages,
-                    seconds=self.seconds, peak_rss=self.peak_rss, resumed=self.resumed,
-                    started_over=self.started_over, plan=self.plan,
-                    voxels_per_second=self.voxels_per_second)
+        out = dict(output=self.output, shape=list(self.shape), stages=self.stages,
+                   seconds=self.seconds, peak_rss=self.peak_rss, resumed=self.resumed,
+                   started_over=self.started_over, plan=self.plan,
+                   voxels_per_second=self.voxels_per_second, input=self.input,
+                   version=__version__, options=self.options)
+        if self.qc is not None:
+            out["qc"] = self.qc.as_json()
+        return out
 
     def summary_line(self) -> str:
         from dask.utils import format_bytes
@@ -112,6 +121,9 @@ class Run:
     stored_chunks: tuple | None = None  # a Zarr input's chunks
     sidecar: dict | None = None  # the input's BIDS .json sidecar
     fit_scale: bool = False  # an integer output with a fitted scl_slope
+    # the QC report's files this run writes ({manifest role: Write}); a run
+    # whose manifest gives it a noise map summarises its residuals
+    qc: dict = field(default_factory=dict)
 
 
 def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = None,
@@ -145,13 +157,30 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
     start = time.perf_counter()
     opts = (options or Options()).with_(**run_options)
     run = prepare(str(inp), str(out), bvals, bvecs, opts, manifest)
-    report = Report(output=str(out), shape=run.shape)
+    if manifest is not None:
+        run.qc = qc_targets(manifest, inp)
+    report = Report(output=str(out), shape=run.shape, input=str(inp),
+                    options=run_options_record(run))
     with output_lock(out), PeakMemory() as peak:
         with _executor(executor, opts, run.budget) as ex, single_threaded_blas():
             _run_plan(run, ex, report)
     report.seconds = time.perf_counter() - start
     report.peak_rss = peak.peak
+    if report.qc is not None and QC_SECTION in run.qc:
+        # a BIDS run's reportlets, for its subject's page (put together by
+        # the front once every run is done)
+        from ..report import write_reportlets
+        write_reportlets(report.as_dict(), report.qc, run.qc, opts.storage_options)
     return report
+
+
+def run_options_record(run: Run) -> dict:
+    """The options that made the run's numbers, as its sidecar records them."""
+    options = run.opts.result_fields()
+    options.update(out_dtype=str(run.out_dtype), calc_dtype=str(run.calc_dtype))
+    if run.mask is not None:
+        options["mask"] = str(run.opts.mask)
+    return options
 
 
 def _executor(executor, opts, budget):

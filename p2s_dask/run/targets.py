@@ -1,10 +1,11 @@
 """Writing the small targets of a manifest: folders, and whole small files.
 
 The image outputs have their sinks (:mod:`.sinks`); what is left is small:
-the folders a batch or BIDS run makes, the report JSON, BIDS
-``dataset_description.json``. Each is written only from a checked manifest
-entry, and a file is written under a partial name beside it, then renamed
-(a whole-object put on object stores), so no reader sees half of one.
+the folders a batch or BIDS run makes, the report JSON, the QC report's
+pages and figures, BIDS ``dataset_description.json``. Each is written only
+from a checked manifest entry, and a file is written under a partial name
+beside it, then renamed (a whole-object put on object stores), so no reader
+sees half of one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def remove_empty(folders) -> None:
 
 def put_text(target: Write, text: str, storage_options=None) -> None:
     """Write the whole file ``target`` (a manifest entry) atomically."""
+    put_bytes(target, text.encode(), storage_options)
+
+
+def put_bytes(target: Write, data: bytes, storage_options=None) -> None:
+    """Write the whole file ``target`` (a manifest entry, e.g. a report's
+    PNG figure) atomically."""
     url = target.place.url
     fs, path = fs_and_path(url, storage_options)
     with user_errors(url, "writing"):
@@ -54,11 +61,11 @@ def put_text(target: Write, text: str, storage_options=None) -> None:
             folder, name = os.path.split(final)
             tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.partial")
             try:
-                with open(tmp, "w") as fh:
-                    fh.write(text)
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
                 os.replace(tmp, final)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
         else:
-            fs.pipe(path, text.encode())
+            fs.pipe(path, data)
