@@ -15,6 +15,7 @@ from .graph import engine
 from .run import inmemory
 from .core.patches import patch_size
 from .errors import InputError
+from .fronts.logs import attached
 from .config.groups import make_groups
 from .run.threads import single_threaded_blas
 from .config.validate import (check_bvals, check_data_dtype, check_finite, check_fit_size,
@@ -235,17 +236,13 @@ def _verbose_log(verbose):
     if not verbose:
         yield
         return
-    level = logger.level
-    if level == logging.NOTSET and logger.getEffectiveLevel() > logging.INFO:
-        logger.setLevel(logging.INFO)
+    # INFO only where no level was set; a handler only where none would
+    # receive the records
+    level = logging.INFO if logger.level == logging.NOTSET \
+        and logger.getEffectiveLevel() > logging.INFO else None
     handler = None
     if not logger.hasHandlers():
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
-        logger.addHandler(handler)
-    try:
+    with attached(handler, level):
         yield
-    finally:
-        logger.setLevel(level)
-        if handler is not None:
-            logger.removeHandler(handler)

@@ -185,12 +185,16 @@ def test_a_lost_double_slash_is_never_a_local_folder(inputs, tmp_path, capsys, m
 
 
 def test_abbreviations_are_not_options(inputs, tmp_path, capsys):
-    """--report is not --report-json: argparse's prefix matching is off."""
+    """A prefix is never taken for a longer option (argparse's prefix
+    matching is off): --report-j is not --report-json, --patch not
+    --patch-radius."""
     out = tmp_path / "o.nii.gz"
-    assert main(["denoise", str(inputs["input"]), str(out), "--report",
-                 str(tmp_path / "r.html"), "--quiet"]) == 2
-    assert "unrecognized arguments: --report" in capsys.readouterr().err
-    assert not (tmp_path / "r.html").exists() and not out.exists()
+    for flag, value in (("--report-j", str(tmp_path / "r.json")), ("--patch", "1"),
+                        ("--memory", "1GiB")):
+        assert main(["denoise", str(inputs["input"]), str(out), flag, value,
+                     "--quiet"]) == 2
+        assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists() and not out.exists()
 
 
 def test_an_unknown_protocol_is_one_line_naming_the_option(inputs, tmp_path, capsys):

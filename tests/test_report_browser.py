@@ -55,9 +55,12 @@ def inspect(context, page_file):
     page.on("pageerror", lambda e: errors.append(str(e)))
 
     def offline(route):
-        requests.append(route.request.url)
-        route.abort()
-    page.route("http*://**", offline)
+        if route.request.url.startswith(("file:", "data:")):
+            route.continue_()
+        else:  # the page must need nothing from a network
+            requests.append(route.request.url)
+            route.abort()
+    page.route("**/*", offline)
     page.goto(Path(page_file).resolve().as_uri())
     page.wait_for_load_state("load")
     shown = page.evaluate("""() => ({

@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from ..errors import InputError
+from .logs import attached
 
 def _ints(text, flag):
     try:
@@ -426,42 +427,25 @@ class _LineFormatter(logging.Formatter):
         return f"p2s-dask: {level}{record.getMessage()}"
 
 
-@contextlib.contextmanager
 def _logging(args):
     """The 'p2s_dask' log to stderr, one line per message."""
-    logger = logging.getLogger("p2s_dask")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_LineFormatter())
-    old_level = logger.level
-    logger.setLevel(getattr(args, "log_level", "WARNING"))
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+    return attached(handler, getattr(args, "log_level", "WARNING"))
 
 
-@contextlib.contextmanager
 def _log_file(args):
     """Also the log to ``--log-file``: opened only once the manifest that
     names it was checked (it is never an input, nor another target)."""
     path = getattr(args, "log_file", None)
     if not path:
-        yield
-        return
-    logger = logging.getLogger("p2s_dask")
+        return contextlib.nullcontext()
     try:
         handler = logging.FileHandler(path)
     except OSError as exc:
         raise InputError(f"--log-file {path}: {exc.strerror}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
+    return attached(handler)
 
 
 def _in_cli_words(exc: InputError) -> str:

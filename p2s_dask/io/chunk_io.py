@@ -58,7 +58,22 @@ def grid(array) -> tuple:
     return tuple(getattr(array, "shards", None) or array.chunks)
 
 
-class DwiArray:
+class _StoredArray:
+    """What every stored array seen in NIfTI's axis order shares: the Zarr
+    array (``.zarr``) and what it says of itself."""
+
+    ndim = 4
+
+    @property
+    def dtype(self):
+        return self.zarr.dtype
+
+    @property
+    def store(self):
+        return self.zarr.store
+
+
+class DwiArray(_StoredArray):
     """A stored array seen in NIfTI's axis order (x, y, z, volumes).
 
     Parameters
@@ -72,8 +87,6 @@ class DwiArray:
         checked that every stored object was there: a missing one is then
         damage, not the fill value (see :func:`missing_chunk`).
     """
-
-    ndim = 4
 
     def __init__(self, array, reverse: bool = True, complete: bool = False):
         self.zarr, self.reverse, self.complete = array, bool(reverse), bool(complete)
@@ -90,14 +103,6 @@ class DwiArray:
     def chunks(self):
         """The shape of one stored object (all volumes of a spatial block)."""
         return self.axes(grid(self.zarr))
-
-    @property
-    def dtype(self):
-        return self.zarr.dtype
-
-    @property
-    def store(self):
-        return self.zarr.store
 
     def native_region(self, region) -> tuple:
         """``region`` (NIfTI order) normalised, in stored order."""
@@ -123,7 +128,7 @@ class DwiArray:
         self.zarr[self.native_region(region)] = self.native_values(values)
 
 
-class ForeignArray:
+class ForeignArray(_StoredArray):
     """Another tool's image array seen in NIfTI's axis order (x, y, z,
     volumes), for reading: any axis order, Zarr v2 or v3, any codecs and
     chunking (Zarr decodes it), axes of length 1 (a channel) left out.
@@ -137,7 +142,6 @@ class ForeignArray:
         Stored axes of length 1 that NIfTI does not have.
     """
 
-    ndim = 4
     complete = False  # a missing chunk is the fill value (the Zarr specification)
 
     def __init__(self, array, order, drop=()):
@@ -154,14 +158,6 @@ class ForeignArray:
     def chunks(self):
         """One stored chunk's shape (clipped to the image), NIfTI order."""
         return tuple(min(grid(self.zarr)[i], self.zarr.shape[i]) for i in self.order)
-
-    @property
-    def dtype(self):
-        return self.zarr.dtype
-
-    @property
-    def store(self):
-        return self.zarr.store
 
     def _native_region(self, region) -> tuple:
         region = _normalized_region(self, region)

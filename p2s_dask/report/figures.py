@@ -43,7 +43,24 @@ def _show(ax, image, **kwargs):
 
 
 def _volume_label(v, bvals) -> str:
-    return f"volume {v} (b={bvals[v]:g})"
+    return f"vol {v}, b={bvals[v]:g}"
+
+
+def head_box(result, margin=3) -> tuple:
+    """The slices ``(x, y)`` around the head in the shown slices (the first
+    shown volume's voxels above a tenth of its window), so that the figures
+    spend no pixels on empty background; the whole slice when none."""
+    if not result.mosaics:
+        return slice(None), slice(None)
+    original = next(iter(result.mosaics.values()))[0]
+    inside = (original > 0.1 * np.percentile(original, WINDOW_PERCENTILE)).any(axis=2)
+    if not inside.any():
+        return slice(None), slice(None)
+    box = []
+    for axis in (1, 0):
+        hit = np.flatnonzero(inside.any(axis=axis))
+        box.append(slice(max(0, hit[0] - margin), hit[-1] + 1 + margin))
+    return tuple(box)
 
 
 def mosaic(result) -> bytes:
@@ -52,10 +69,11 @@ def mosaic(result) -> bytes:
     wide as the images' and centred on zero."""
     volumes = list(result.mosaics)
     k = max(1, len(result.slices))
-    fig = Figure(figsize=(1.5 * k + 0.9, 1.5 * 3 * len(volumes) + 0.3))
+    box = head_box(result)
+    fig = Figure(figsize=(1.3 * k + 0.6, 1.3 * 3 * len(volumes) + 0.3))
     axes = fig.subplots(3 * len(volumes), k, squeeze=False)
     for i, v in enumerate(volumes):
-        original, denoised = result.mosaics[v]
+        original, denoised = (m[box] for m in result.mosaics[v])
         top = float(np.percentile(original, WINDOW_PERCENTILE)) or 1.0
         rows = (("original", original, 0.0, top), ("denoised", denoised, 0.0, top),
                 ("residual", original - denoised, -top / 2, top / 2))
@@ -64,12 +82,12 @@ def mosaic(result) -> bytes:
                 ax = axes[3 * i + j, s]
                 _show(ax, images[:, :, s], cmap="gray", vmin=lo, vmax=hi)
                 if s == 0:
-                    ax.set_ylabel(name, fontsize=8)
-                if j == 0:
-                    ax.set_title(f"{_volume_label(v, result.bvals)}, z={result.slices[s]}"
-                                 if s == 0 else f"z={result.slices[s]}", fontsize=8)
-    fig.subplots_adjust(left=0.06, right=0.99, top=0.98, bottom=0.01, wspace=0.03,
-                        hspace=0.12)
+                    ax.set_ylabel(f"{_volume_label(v, result.bvals)}\n{name}"
+                                  if j == 0 else name, fontsize=7)
+                if i == 0 and j == 0:
+                    ax.set_title(f"slice z={result.slices[s]}", fontsize=8)
+    fig.subplots_adjust(left=0.09, right=0.99, top=0.98, bottom=0.01, wspace=0.03,
+                        hspace=0.05)
     return png(fig)
 
 
@@ -79,9 +97,10 @@ def noise_map(result) -> bytes:
     fig = Figure(figsize=(1.6 * k + 1.0, 2.0))
     axes = fig.subplots(1, k, squeeze=False)[0]
     top = float(np.percentile(result.noise, 99.5)) or 1.0
+    box = head_box(result)
     image = None
     for s, ax in enumerate(axes):
-        image = ax.imshow(result.noise[:, :, result.slices[s]].T, origin="lower",
+        image = ax.imshow(result.noise[box][:, :, result.slices[s]].T, origin="lower",
                           cmap="magma", vmin=0, vmax=top, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])

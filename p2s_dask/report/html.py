@@ -19,7 +19,8 @@ import re
 from .. import __version__
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em auto;max-width:72em;color:#222}
+body{font-family:system-ui,sans-serif;margin:1.5em auto;padding:0 1.5em;max-width:72em;
+color:#222}
 h1{font-size:1.5em}h2{font-size:1.25em;border-bottom:1px solid #ccc}h3{font-size:1.05em}
 section.qc-run-report{margin-bottom:3em}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:2px 8px;
@@ -69,7 +70,7 @@ def _flag_list(qc: dict) -> str:
         where = (f"slice{'s' if len(f['slices']) > 1 else ''} "
                  f"{', '.join(map(str, f['slices']))}" if f["slices"] else "the whole volume")
         items.append(f'<li class="flagged-volume" data-volume="{int(f["volume"])}">volume '
-                     f'{int(f["volume"])} (b={f["bval"]:g}, {_e(f["group"])}): {where}, '
+                     f'{int(f["volume"])} ({_e(f["group"])}): {where}, '
                      f'residual RMS {f["ratio"]:.2f} times the shell\'s median '
                      f'(robust z {f["z"]:.1f})</li>')
     return f'<ul class="flagged-volumes">{"".join(items)}</ul>'
@@ -133,9 +134,9 @@ def run_section(info: dict, images: dict, title: str) -> str:
     qc = info.get("qc") or {}
     parts = [f'<section class="qc-run-report"><h2>{_e(title)}</h2>',
              f'<section class="qc-summary"><h3>Flagged volumes</h3>{_flag_list(qc)}</section>',
+             _figure("qc-residuals", "Residuals per volume and slice", images["residuals"]),
              _figure("qc-mosaics", "Original, denoised, residual", images["mosaic"]),
              _figure("qc-noise", "Noise map", images["noise"]),
-             _figure("qc-residuals", "Residuals per volume and slice", images["residuals"]),
              _figure("qc-histogram", "Residual histogram", images["histogram"])]
     cv = info.get("cross_validation")
     if cv:

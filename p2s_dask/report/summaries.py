@@ -48,8 +48,10 @@ FLAG_SLICE_RATIO = 1.3
 # 1.6 with the gradient direction; a set whose volumes agree closely has a
 # tiny MAD: the ratio keeps ordinary variation from being flagged)
 FLAG_RATIO = 1.75
-# groups of fewer volumes have no median worth the name: nothing is flagged
-FLAG_MIN_VOLUMES = 5
+# a shell of fewer volumes has no median and MAD worth the name (the five b0
+# of the bundled acquisition, one taken at the start and four at the end,
+# differ by 40% in some slices): nothing of it is flagged
+FLAG_MIN_VOLUMES = 8
 # the MAD is floored at this share of the median (a slice of identical
 # residuals, e.g. all zero outside the head, has a MAD of 0)
 MAD_FLOOR = 0.01
