@@ -60,26 +60,33 @@ def _patches(data_bytes, shape, dtype, radius):
     return _extract_3d_patches(np.pad(data, pad), radius)
 
 
-def brute_errors(data, radius, folds, mask, lam):
-    """Held-out squared error per volume, fitted and predicted explicitly."""
+def _fit_predict(x_train, y_train, x_test, lam):
+    """An independent fit: lstsq with an intercept column for 'ols',
+    scikit-learn's Ridge (with its intercept) for 'ridge'."""
     from sklearn.linear_model import Ridge
+    if lam <= crossval.OLS_LAMBDA:
+        design = np.column_stack([x_train, np.ones(x_train.shape[0])])
+        coef = np.linalg.lstsq(design, y_train, rcond=None)[0]
+        return x_test @ coef[:-1] + coef[-1]
+    return Ridge(alpha=lam).fit(x_train, y_train).predict(x_test)
+
+
+def brute_errors(data, radius, folds, mask, lams):
+    """Held-out squared error per penalty and volume, fitted and predicted
+    on explicitly extracted features: ``(len(lams), m)``."""
     feats = _patches(data.tobytes(), data.shape, data.dtype.str, tuple(radius))
     m, p, n = feats.shape
     labels = folds.reshape(-1)
     fitting = labels >= 0 if mask is None else (labels >= 0) & mask.reshape(-1)
-    out = np.zeros(m)
-    for k in range(labels.max() + 1):
-        train, test = fitting & (labels != k), fitting & (labels == k)
-        for v in range(m):
-            x = np.delete(feats, v, axis=0).reshape((m - 1) * p, n).T
-            y = feats[v, p // 2]
-            if lam <= crossval.OLS_LAMBDA:
-                design = np.column_stack([x[train], np.ones(train.sum())])
-                coef = np.linalg.lstsq(design, y[train], rcond=None)[0]
-                pred = x[test] @ coef[:-1] + coef[-1]
-            else:
-                pred = Ridge(alpha=lam).fit(x[train], y[train]).predict(x[test])
-            out[v] += np.sum((y[test] - pred) ** 2)
+    out = np.zeros((len(lams), m))
+    for v in range(m):
+        x = np.delete(feats, v, axis=0).reshape((m - 1) * p, n).T
+        y = feats[v, p // 2]
+        for k in range(labels.max() + 1):
+            train, test = fitting & (labels != k), fitting & (labels == k)
+            for j, lam in enumerate(lams):
+                pred = _fit_predict(x[train], y[train], x[test], lam)
+                out[j, v] += np.sum((y[test] - pred) ** 2)
     return out
 
 
@@ -99,13 +106,13 @@ def test_cv_errors_equal_brute_force(dtype, masked, layout):
     for penalties in (grid, grid[1:2]):
         table = score_group(fs, R1, penalties=penalties)
         assert table["count"] == (mask.sum() if masked else data[..., 0].size)
-        assert {tuple(r["radius"]) for r in table["candidates"]} == {R0, R1}
-        for row in table["candidates"]:
-            want = brute_errors(data, row["radius"], folds, mask, row["lam"])
-            got = np.array(row["per_volume"])
-            np.testing.assert_allclose(got, want, rtol=RTOL, atol=0)
-            assert row["error"] == pytest.approx(want.sum(), rel=RTOL)
-            checked += 1
+        for radius in (R0, R1):
+            rows = [r for r in table["candidates"] if tuple(r["radius"]) == radius]
+            want = brute_errors(data, radius, folds, mask, [r["lam"] for r in rows])
+            for row, w in zip(rows, want):
+                np.testing.assert_allclose(row["per_volume"], w, rtol=RTOL, atol=0)
+                assert row["error"] == pytest.approx(w.sum(), rel=RTOL)
+                checked += 1
     assert checked == 2 * (6 + 2)
 
 

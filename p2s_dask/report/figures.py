@@ -164,8 +164,9 @@ def histogram(result) -> bytes:
         mean, std = float(sample.mean()), float(sample.std()) or 1.0
         lo, hi = np.percentile(sample, [0.05, 99.95])
         edges = np.linspace(min(lo, mean - 4 * std), max(hi, mean + 4 * std), 121)
-        ax.hist(sample, bins=edges, density=True, color="tab:blue", alpha=0.7,
-                label=f"residuals ({sample.size:,} sampled)")
+        density, _ = np.histogram(sample, bins=edges, density=True)
+        ax.stairs(density, edges, fill=True, color="tab:blue", alpha=0.7,
+                  label=f"residuals ({sample.size:,} sampled)")
         x = 0.5 * (edges[1:] + edges[:-1])
         pdf = np.exp(-0.5 * ((x - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
         ax.plot(x, pdf, color="tab:orange", label=f"normal (mean {mean:.3g}, sd {std:.3g})")

@@ -211,20 +211,28 @@ def block_qc(block, out, origin, spec: QcSpec, slope=1.0) -> QcParts:
     parts = QcParts(int(origin[2]), sq, np.full(cz, cx * cy, np.int64))
     sampled = np.asarray(spec.sampled, np.int64)
     for z in range(cz):
-        # one slice of all volumes at a time: a small float64 copy, in
-        # either block layout
-        r = np.asarray(inner[:, :, z, :], np.float64) - \
-            np.asarray(out[:, :, z, :], np.float64) * slope
-        r2 = np.square(r)
-        sq[:, z] = r2.sum(axis=(0, 1))
-        noise[:, :, z] = np.sqrt(r2 @ weights)
+        r = _slice_residuals(inner[:, :, z, :], out[:, :, z, :], slope)
+        # (voxels, volumes) in the slice's own layout: a view, no copy
+        order = "F" if r.flags.f_contiguous else "C"
+        rows = r.reshape(cx * cy, n, order=order)
+        r2 = np.square(rows)
+        sq[:, z] = r2.sum(axis=0)
+        noise[:, :, z] = np.sqrt(r2 @ weights).reshape(cx, cy, order=order)
         here = positions[(positions >= z * per_slice) & (positions < (z + 1) * per_slice)]
         if here.size:
             xy, which = np.divmod(here - z * per_slice, len(spec.sampled))
-            parts.sample.append(r.reshape(cx * cy, n)[xy, sampled[which]].astype(np.float32))
+            parts.sample.append(rows[xy, sampled[which]].astype(np.float32))
         _mosaic_pieces(parts, inner, out, origin, z, spec, slope)
     parts.noise.append((tuple(int(o) for o in origin), noise))
     return parts
+
+
+def _slice_residuals(inp, out, slope):
+    """Input minus output values of one slice of all volumes, in float64,
+    in the block's layout (one copy: one slice at a time keeps it small)."""
+    if slope != 1.0:
+        out = np.multiply(out, slope, dtype=np.float64)
+    return np.subtract(inp, out, dtype=np.float64)
 
 
 def _mosaic_pieces(parts, inner, out, origin, z, spec, slope):
