@@ -114,15 +114,16 @@ def test_float32_prediction_is_float32_close(block, order):
     assert np.abs(p32 - p64).max() <= 1e-6 * scale
 
 
-def test_store_false_only_runs_the_transform(block):
+def test_transform_sees_every_piece_before_it_is_stored(block):
     mdl = model_for(12, np.random.default_rng(1), [(0, 12)])
     seen = []
-    res = predict_block(np.asfortranarray(block), (0, 0, 0), mdl, store=False,
+    res = predict_block(np.asfortranarray(block), (0, 0, 0), mdl, max_bytes=3000,
                         transform=lambda piece: seen.append(piece.min(axis=0)) or piece)
-    assert res is None
     full = predict_block(block, (0, 0, 0), mdl)
+    assert len(seen) > 1  # walked in pieces
     np.testing.assert_allclose(np.min(seen, axis=0), full.reshape(-1, 12).min(axis=0),
                                rtol=1e-12)
+    np.testing.assert_allclose(res, full, rtol=1e-12)
 
 
 @pytest.mark.parametrize("radius", [(0, 0, 0), (1, 1, 0)])
@@ -147,7 +148,7 @@ def test_offset_is_added_with_the_intercept(block):
     shift = rng.normal(0, 30, 12)
     for order in "CF":
         arranged = np.array(block, order=order)
-        got = predict_block(arranged, (0, 0, 0), mdl, offset=shift)
+        got = predict_block(arranged, (0, 0, 0), mdl.shifted(shift))
         np.testing.assert_allclose(got, predict_block(arranged, (0, 0, 0), mdl) + shift,
                                    rtol=1e-13, atol=1e-10)
 

@@ -11,8 +11,8 @@ from .solve import LinearModel
 
 
 def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
-                  transform=None, max_bytes: int = 4 * 2**20, dtype=np.float64,
-                  store: bool = True, offset=None) -> np.ndarray | None:
+                  transform=None, max_bytes: int = 4 * 2**20,
+                  dtype=np.float64) -> np.ndarray:
     """Denoised volumes on the interior of a block.
 
     Parameters
@@ -36,29 +36,22 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
     dtype : numpy dtype
         Arithmetic of the matrix products: float64, or float32 (twice the
         speed, float32 rounding: what DIPY uses for non-float64 data).
-    store : bool
-        False: only run ``transform`` on the pieces (e.g. to gather minima);
-        nothing is written and None is returned.
-    offset : ndarray (n_out,), optional
-        A per-volume constant added together with the intercept (e.g. the
-        intensity shift: one pass over the values instead of two).
+        A per-volume constant (the intensity shift) goes into the model's
+        intercept: :meth:`.solve.LinearModel.shifted`.
 
     Returns
     -------
-    ndarray, shape (bx, by, bz, n_out), or None
+    ndarray, shape (bx, by, bz, n_out)
     """
     shape = interior_shape(block.shape, radius)
     n_out = model.n_volumes
     dtype = np.dtype(dtype)
-    constant = np.asarray(model.intercept, np.float64)
-    if offset is not None:
-        constant = constant + np.asarray(offset, np.float64)
-    constant = constant.astype(dtype)
-    if out is None and store:
+    constant = np.asarray(model.intercept, np.float64).astype(dtype)
+    if out is None:
         out = np.empty(shape + (n_out,), dtype=dtype, order=rows_order(block))
     if not any(radius):
         rows, order = voxel_rows(block)
-        out_rows, out_order = voxel_rows(out) if store else (None, order)
+        out_rows, out_order = voxel_rows(out)
         if rows is not None and out_order == order:
             for j, y in _row_products(rows, order, model, max_bytes, dtype):
                 y += constant
@@ -66,8 +59,6 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
                 if out_rows is not None:
                     cast_into(values, out_rows[j:j + y.shape[0]])
             return out
-    if not store:
-        out = None
     for box, acc in _patch_products(block, radius, model, shape, max_bytes, dtype):
         acc += constant
         if transform is not None:

@@ -72,6 +72,15 @@ class LinearModel:
     def n_volumes(self) -> int:
         return self.weights.shape[1]
 
+    def shifted(self, offset) -> "LinearModel":
+        """The model with a per-volume ``offset`` added to its intercept, in
+        float64 (e.g. the intensity shift: it rides along with the intercept,
+        one pass over the values instead of two); itself for None."""
+        if offset is None:
+            return self
+        intercept = np.asarray(self.intercept, np.float64) + np.asarray(offset, np.float64)
+        return LinearModel(self.weights, intercept, self.patch_size)
+
 
 @dataclass(frozen=True)
 class Solver:
