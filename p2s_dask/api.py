@@ -17,9 +17,11 @@ from .core.patches import patch_size
 from .errors import InputError
 from .fronts.logs import attached
 from .config.groups import make_groups
+from .config.options import is_auto
 from .run.threads import single_threaded_blas
-from .config.validate import (check_bvals, check_data_dtype, check_finite, check_fit_size,
-                              check_options, check_precision, check_shape, check_tmp_dir)
+from .config.validate import (auto_settings, check_bvals, check_data_dtype, check_finite,
+                              check_fit_size, check_options, check_precision, check_shape,
+                              check_tmp_dir)
 
 logger = logging.getLogger("p2s_dask")
 
@@ -67,7 +69,7 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
                out_dtype=None, alpha=1.0, verbose=False, b0_denoising=True,
                clip_negative_vals=False, shift_intensity=True, tmp_dir=None,
                version=3, gram=True, mask=None, groups=None, chunks=None,
-               precision=None):
+               precision=None, max_patch_radius=1):
     """Patch2Self denoising of a 4D diffusion MRI array, exact and chunked.
 
     Same arguments and defaults as DIPY's ``patch2self``. Each volume is
@@ -81,8 +83,13 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
         The noisy data. NumPy in gives NumPy out; a dask array in gives a lazy
         dask array out (nothing is computed until you compute it).
     bvals : array-like, shape (n,)
-    patch_radius : int or sequence of 3 ints, optional
+    patch_radius : int, sequence of 3 ints or 'auto', optional
         Patch radius in voxels; voxels beyond the image border count as 0.
+        'auto' (with ``version=1``) lets the data choose, from 0 up to
+        ``max_patch_radius``, by exact 5-fold cross-validation over whole
+        z-slabs of blocks from one pass of statistics at the largest radius
+        (logged with ``verbose=True``; see the README's "Choosing the radius
+        and the penalty"). Needs a NumPy ``data`` and model 'ols' or 'ridge'.
     model : {'ols', 'ridge', 'lasso'} or scikit-learn estimator, optional
         A name, or a scikit-learn ``LinearRegression``, ``Ridge``, ``Lasso``
         or ``ElasticNet``, fitted with its own parameters (``alpha``,
@@ -95,10 +102,14 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
     out_dtype : dtype, optional
         Output dtype; default the input's. Integer outputs are rounded and
         clipped to the type's range (DIPY truncates and may wrap).
-    alpha : float, optional
+    alpha : float or 'auto', optional
         Penalty of a named 'ridge' (on the centred sum of squares, as
         scikit-learn's ``Ridge``) and 'lasso' (scikit-learn's ``Lasso``
-        scaling); an estimator's own ``alpha`` is used instead.
+        scaling); an estimator's own ``alpha`` is used instead. 'auto' (model
+        'ridge' only) chooses it by cross-validation, as ``patch_radius``,
+        from a grid relative to the data's variance
+        (:func:`~p2s_dask.core.crossval.penalty_grid`); one alpha for all
+        groups.
     verbose : bool, optional
         Log the progress and the time taken (logger ``p2s_dask``, INFO) for
         this call; nothing is printed.
@@ -135,6 +146,8 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
         the output both fit float32 exactly (e.g. int16 or float32 data
         written as int16 or float32), else float64. float32 is about twice
         as fast; its results differ from float64 by float32 rounding.
+    max_patch_radius : int or sequence of 3 ints, optional
+        The largest radius ``patch_radius='auto'`` scores (default 1).
 
     Returns
     -------
@@ -147,19 +160,25 @@ def patch2self(data, bvals, *, patch_radius=(0, 0, 0), model="ols", b0_threshold
             b0_threshold=b0_threshold, out_dtype=out_dtype, alpha=alpha,
             b0_denoising=b0_denoising, clip_negative_vals=clip_negative_vals,
             shift_intensity=shift_intensity, tmp_dir=tmp_dir, version=version,
-            mask=mask, groups=groups, chunks=chunks, precision=precision)
+            mask=mask, groups=groups, chunks=chunks, precision=precision,
+            max_patch_radius=max_patch_radius)
 
 
 def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha,
              b0_denoising, clip_negative_vals, shift_intensity, tmp_dir, version,
-             mask, groups, chunks, precision):
+             mask, groups, chunks, precision, max_patch_radius):
     """Validate (one line per problem, before any work), then run."""
     shape = tuple(data.shape)
     check_shape(shape)
     check_data_dtype(data.dtype)
     radius, model, out_dtype = check_options(
         patch_radius=patch_radius, model=model, alpha=alpha, version=version,
-        out_dtype=out_dtype)
+        out_dtype=out_dtype, max_patch_radius=max_patch_radius)
+    auto = auto_settings(patch_radius, model, alpha, max_patch_radius)
+    if auto is not None and isinstance(data, da.Array):
+        raise InputError(f"{auto.chosen} 'auto' needs NumPy data: the choice needs the "
+                         "statistics, which a dask array's lazy result would defer; "
+                         "compute it first, or use the command line")
     check_tmp_dir(tmp_dir, version)
     bvals = check_bvals(bvals, shape[3], stacklevel=_USER_FRAME)
     group_list = make_groups(bvals, shape[3], b0_threshold=b0_threshold,
@@ -168,11 +187,12 @@ def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha
     out_dtype = np.dtype(data.dtype) if out_dtype is None else out_dtype
     calc_dtype = check_precision(precision, data.dtype, out_dtype)
     n_fit = _fitting_voxels(mask, shape)
-    check_fit_size(group_list, n_fit, patch_size(radius), model, alpha,
-                   stacklevel=_USER_FRAME)
+    # 'auto': what the smallest candidate risks (the choice avoids the rest)
+    check_fit_size(group_list, n_fit, patch_size(radius if auto is None else auto.radii[0]),
+                   model, 1.0 if is_auto(alpha) else alpha, stacklevel=_USER_FRAME)
     spec = engine.DenoiseSpec(group_list, radius, model=model, alpha=alpha, mask=mask,
                               shift_intensity=shift, clip_negative_vals=clip,
-                              calc_dtype=calc_dtype)
+                              calc_dtype=calc_dtype, auto=auto)
     _log_plan(shape, group_list, radius, model, n_fit)
     if isinstance(data, da.Array):
         arr = engine.as_chunked(data, chunks, radius)

@@ -370,9 +370,9 @@ def test_statistics_method_is_switchable():
     seen = []
     real = engine._group_stats
 
-    def spy(block, indices, radius, mask, method="auto", into=None):
+    def spy(block, indices, radius, mask, method="auto", into=None, origin=None):
         seen.append(method)
-        return real(block, indices, radius, mask, method, into)
+        return real(block, indices, radius, mask, method, into, origin)
 
     engine._group_stats = spy
     try:
@@ -390,11 +390,12 @@ def test_statistics_method_is_switchable():
 
 def test_patch_blocks_are_thick_where_the_budget_allows():
     """With a patch the lanes of statistics come first: one per thread while
-    they (each an F x F scatter and the lag products' working copies) and the
+    they (each its compact lag parts and the lag products' working copies) and the
     threads' thinnest blocks fit the budget beside the process, at least one.
     Blocks get what the lanes leave: at least PATCH_PLANES planes per unit
     of radius where that allows, never past it or a thread's share of the
     prediction pass. Patch-less runs are as they were."""
+    from p2s_dask.core.lagparts import lane_pieces
     from p2s_dask.planning import chunking
     shape = (81, 106, 76, 160)
     plain = chunking.chunk_policy(shape, 8, 4 << 30, 2)
@@ -405,11 +406,14 @@ def test_patch_blocks_are_thick_where_the_budget_allows():
         for radius in [(1, 1, 1), (2, 2, 2)]:
             got = chunking.chunk_policy(shape, 8, memory, threads, radius)
             n_features = shape[3] * (2 * radius[0] + 1) ** 3
-            # a lane: its scatter and the lag products' working copies, at
-            # least 1 + 2 r planes (padded by r) of all volumes and a volume of ones
+            # a lane: its compact lag parts (no F x F scatter) and the lag
+            # products' working copies, at least 1 + 2 r planes (padded by r)
+            # of all volumes and a volume of ones
             plane = (shape[0] + 2 * radius[0]) * (shape[1] + 2 * radius[1]) * (shape[3] + 1)
             slab = max(64 << 20, (1 + 2 * radius[2]) * plane * 8)
-            lane = 8 * n_features ** 2 + chunking.LANE_WORKING_COPIES * slab
+            parts = lane_pieces(radius) * (shape[3] + 1) ** 2 * 8
+            assert parts < 8 * n_features ** 2 / 3
+            lane = parts + chunking.LANE_WORKING_COPIES * slab
             thinnest = np.prod(shape[:2]) * (1 + 2 * radius[2]) * shape[3] * 4
             work = memory - chunking.PROCESS_BYTES
             room = work - threads * chunking.PATCH_BLOCKS_PER_THREAD * thinnest
@@ -426,3 +430,200 @@ def test_patch_blocks_are_thick_where_the_budget_allows():
     # the in-memory API's lanes have memory of their own: blocks by its budget
     api = chunking.chunk_policy(shape, 8, 512 << 20, 2, (1, 1, 1), lanes_apart=True)
     assert np.prod(api) * shape[3] * 8 <= (512 << 20) // (chunking.PATCH_BLOCKS_PER_THREAD * 2)
+
+
+# ----------------------------------------------------------------------------
+# compact lane sums (core.lagparts): the engine's lanes
+
+PARTS_TOL = 1e-12
+
+
+def blocks_with_origins(img, mask, radius, chunks):
+    """``(block, mask block, origin)`` of every block of a chunk grid."""
+    edges = [np.concatenate(([0], np.cumsum(c))) for c in chunks]
+    starts = [(i, j, k) for i in edges[0][:-1] for j in edges[1][:-1] for k in edges[2][:-1]]
+    for (block, bmask), origin in zip(split(img, mask, radius, chunks), starts):
+        yield block, bmask, tuple(int(o) for o in origin)
+
+
+def lane_parts(img, mask, radius, chunks, lanes=1, layout="C", max_bytes=64 << 20):
+    """The blocks of a chunk grid summed along ``lanes`` runs of consecutive
+    blocks (as the engine cuts them), each a LagParts, then merged."""
+    from p2s_dask.core.lagparts import LagParts
+    shape = None if mask is not None else img.shape[:3]
+    blocks = list(blocks_with_origins(img, mask, radius, chunks))
+    runs = np.array_split(np.arange(len(blocks)), lanes)
+    parts = [LagParts(img.shape[3], radius, shape) for _ in runs]
+    for lane, run in zip(parts, runs):
+        for i in run:
+            block, bmask, origin = blocks[i]
+            lane.add(arrange(block, layout), bmask, origin, max_bytes=max_bytes)
+    total = parts[0]
+    for lane in parts[1:]:
+        total = total.merge(lane)
+    return total
+
+
+def usable(chunkings, radius):
+    # the engine keeps blocks at least as thick as the radius
+    return [c for c in chunkings if all(min(a) >= r for a, r in zip(c, radius))]
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("kind", ["int16", "float32", "float64"])
+@pytest.mark.parametrize("mask_kind", [None, "holes", "border"])
+def test_lag_parts_give_the_whole_image(radius, kind, mask_kind):
+    """Lanes of compact parts, merged, give the direct statistics of the whole
+    image and today's F x F lane sum, for chunkings that do and do not
+    divide the image, in one lane or several."""
+    img = make_image(kind, seed=9)
+    mask = make_mask(mask_kind, seed=9)
+    want = block_stats(np.pad(img, [(r, r) for r in radius] + [(0, 0)]), radius, mask)
+    chunkings = usable(CHUNKINGS, radius)
+    if max(radius) > 1:
+        chunkings = chunkings[-1:]
+    for chunks in chunkings:
+        old = lagstats.LagSum(M, radius)
+        for block, bmask, _ in blocks_with_origins(img, mask, radius, chunks):
+            old.add(block, bmask)
+        old = old.stats()
+        for lanes in (1, 3):
+            got = lane_parts(img, mask, radius, chunks, lanes).stats()
+            assert_same(got, want, PARTS_TOL)
+            # LagSum merges blocks centred on their own means: 1.5e-12 off
+            # (against a longdouble reference, where the parts are within
+            # 1e-15) for the masked 1e4 + noise image, whose blocks hold few voxels
+            assert_same(got, old, 10 * PARTS_TOL, symmetric=False)
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("mask_kind", [None, "holes"])
+def test_lag_parts_of_integers_are_exact(radius, mask_kind):
+    """int16 data: the scatter is the exact integer one rounded (lanes with
+    their own references included: merging moves one onto the other's)."""
+    img = make_image("int16", seed=11)
+    mask = make_mask(mask_kind, seed=3)
+    x = features(np.pad(img, [(r, r) for r in radius] + [(0, 0)]), radius).astype(np.int64)
+    if mask is not None:
+        x = x[mask.reshape(-1)]
+    n = x.shape[0]
+    sums = x.sum(axis=0)
+    exact = (n * (x.T @ x) - np.outer(sums, sums)) / n   # exact in int64 here
+    for chunks in usable(CHUNKINGS[1:], radius):
+        total = lane_parts(img, mask, radius, chunks, lanes=3)
+        assert total.exact
+        got = total.stats()
+        assert got.count == n
+        np.testing.assert_array_equal(got.mean, sums / n)
+        assert np.abs(got.scatter - exact).max() <= 4e-16 * np.abs(exact).max()
+
+
+def test_lag_parts_of_integers_beyond_the_exact_range(monkeypatch):
+    # past the bound (forced here) the sums are rounded as float sums are
+    from p2s_dask.core import lagparts
+    monkeypatch.setattr(lagparts, "_EXACT", 1)
+    radius = (1, 1, 1)
+    img = make_image("int16", seed=12)
+    for mask in (None, make_mask("border")):
+        want = block_stats(np.pad(img, [(1, 1)] * 3 + [(0, 0)]), radius, mask)
+        total = lane_parts(img, mask, radius, CHUNKINGS[1], lanes=2)
+        assert not total.exact
+        assert_same(total.stats(), want, PARTS_TOL)
+
+
+@pytest.mark.parametrize("radius", RADII)
+@pytest.mark.parametrize("mask_kind", [None, "border"])
+def test_lag_parts_in_any_layout_and_slab(radius, mask_kind):
+    """Block layouts, blocks as thin as the radius along each axis (the fast
+    axis split too: its halo then holds image voxels) and working copies of
+    one plane at a time give the same statistics."""
+    img = make_image("float64", seed=6)
+    mask = make_mask(mask_kind, seed=6)
+    want = block_stats(np.pad(img, [(r, r) for r in radius] + [(0, 0)]), radius, mask)
+    for axis in range(3):
+        t = max(1, radius[axis])
+        chunks = [(10,), (9,), (8,)]
+        size = img.shape[axis]
+        chunks[axis] = (t,) * (size // t) + ((size % t,) if size % t else ())
+        chunks = tuple(chunks)
+        if any(min(c) < r for c, r in zip(chunks, radius)):
+            continue
+        for layout, max_bytes in (("C", 64 << 20), ("F", 1), ("spaced", 64 << 20)):
+            got = lane_parts(img, mask, radius, chunks, 2, layout, max_bytes)
+            assert_same(got.stats(), want, PARTS_TOL)
+
+
+def test_lag_parts_merge_in_any_order():
+    radius = (1, 1, 1)
+    img = make_image("float32", seed=7)
+    chunks = CHUNKINGS[1]
+    blocks = list(blocks_with_origins(img, None, radius, chunks))
+    from p2s_dask.core.lagparts import LagParts
+
+    def lane(indices):
+        total = LagParts(M, radius, img.shape[:3])
+        for i in indices:
+            total.add(*blocks[i])
+        return total
+
+    n = len(blocks)
+    first, second, third = range(0, n // 3), range(n // 3, n // 2), range(n // 2, n)
+    a = lane(first).merge(lane(second)).merge(lane(third))
+    b = lane(third).merge(lane(first).merge(lane(second)))
+    assert_same(a.stats(), b.stats(), PARTS_TOL, symmetric=False)
+
+
+def test_lag_parts_refuse_what_they_cannot_sum():
+    from p2s_dask.core.lagparts import LagParts
+    radius = (1, 1, 1)
+    img = make_image("float64", seed=8)
+    part = LagParts(M, radius, img.shape[:3])
+    assert part.stats().count == 0   # nothing added: the empty statistics
+    block, _, origin = next(blocks_with_origins(img, None, radius, CHUNKINGS[1]))
+    part.add(block, None, origin)
+    with pytest.raises(ValueError, match="merge every lane"):
+        part.stats()   # owned voxels of a part of the image: no statistic
+    with pytest.raises(ValueError, match="no mask"):
+        part.add(block, make_mask("holes")[:4, :5, :3], origin)
+    with pytest.raises(ValueError, match="another group or form"):
+        part.merge(lane_parts(img, make_mask("holes"), radius, CHUNKINGS[1]))
+    windows = LagParts(M, radius)
+    windows.add(block, np.zeros((4, 5, 3), bool))   # no fitting voxel: nothing
+    assert windows.ref is None and windows.stats().count == 0
+
+
+def test_lag_parts_hold_no_scatter():
+    """A lane holds its pieces (at most chunking.lane_pieces of them) and one
+    block's working copy with small transients, never an F x F matrix; the
+    scatter is formed once, from the merged parts."""
+    import tracemalloc
+    from p2s_dask.core.lagparts import LagParts
+    from p2s_dask.planning import chunking
+    m, radius, shape = 40, (1, 1, 1), (24, 20, 18)
+    img = make_image("float32", shape=shape, m=m, seed=2)
+    f = 27 * m
+    piece = (m + 1) ** 2 * 8
+    chunks = ((24,), (20,), (6, 6, 6))
+    blocks = list(blocks_with_origins(img, None, radius, chunks))
+    slab = 3 * 22 * 26 * (m + 1) * 8   # one plane and its halo: max_bytes=1
+    lanes = [LagParts(m, radius, shape) for _ in range(2)]
+    tracemalloc.start()
+    try:
+        for lane, run in zip(lanes, (blocks[:2], blocks[2:])):
+            for block, _, origin in run:
+                tracemalloc.reset_peak()
+                before = tracemalloc.get_traced_memory()[0]
+                lane.add(block, None, origin, max_bytes=1)
+                peak = tracemalloc.get_traced_memory()[1] - before
+                assert len(lane.parts) <= chunking.lane_pieces(radius)
+                # the new pieces, the working copy and transients (measured:
+                # about 1.2 copies beside the pieces)
+                assert peak <= len(lane.parts) * piece \
+                    + chunking.LANE_WORKING_COPIES * slab
+                assert peak < f * f * 8 / 2
+    finally:
+        tracemalloc.stop()
+    assert lanes[0].nbytes == len(lanes[0].parts) * piece
+    assert lanes[0].nbytes < f * f * 8 / 4
+    got = lanes[0].merge(lanes[1]).stats()
+    assert_same(got, block_stats(np.pad(img, [(1, 1)] * 3 + [(0, 0)]), radius), PARTS_TOL)

@@ -195,7 +195,7 @@ def plan_problems(case, plan) -> list:
     names = [p.name for p in plan.passes]
     wanted = [n for n in PASS_NAMES
               if (n != "input" or plan.input_mode.value in ("memory", "stage"))
-              and (n != "minima" or settings.minima)]
+              and (n != "minima" or settings.minima) and (n != "crossval" or settings.folds)]
     if names != wanted:
         problems.append(f"passes {names}")
     budgets = {"workers": workers.memory, "client": settings.client_memory}

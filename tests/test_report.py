@@ -67,7 +67,8 @@ def test_noise_map_is_the_rms_of_input_minus_output(tmp_path, phantom, case):
         inp, extra = _write(tmp_path / "in", phantom), ["--chunks", "16,12,5"]
         bvals = phantom["bvals"]
     else:
-        inp, extra = write_small_dwi(tmp_path), ["--patch-radius", "1", "--ver", "1", "--chunks", "9,9,4"]
+        inp = write_small_dwi(tmp_path)
+        extra = ["--patch-radius", "1", "--ver", "1", "--chunks", "9,9,4"]
         bvals = np.loadtxt(tmp_path / "dwi.bval")
     out = tmp_path / ("o.nii" if case.startswith("float32") else "o.nii.gz")
     info, _ = _denoise(inp, out, *extra)
@@ -119,8 +120,9 @@ def test_block_summaries_merge_to_the_whole_image(phantom):
     bvals = phantom["bvals"]
     groups = make_groups(bvals, dwi.shape[3], b0_threshold=50)
     spec = make_spec(dwi.shape, bvals, groups, 50)
+    corners = [(x, y, z) for x in (0, 16) for y in (0, 20) for z in (0, 5, 10, 15)]
     parts = [block_qc(dwi[x:x + 16, y:y + 20, z:z + 5], out[x:x + 16, y:y + 20, z:z + 5],
-                      (x, y, z), spec) for x in (0, 16) for y in (0, 20) for z in (0, 5, 10, 15)]
+                      (x, y, z), spec) for x, y, z in corners]
     # through the work store's arrays and back, merged in two levels
     parts = [from_arrays(to_arrays(p)) for p in parts]
     merged = merge(merge(*parts[:5]), merge(*parts[5:]))
@@ -143,7 +145,8 @@ def test_flag_rule_on_made_up_residuals():
     shell is compared with its own shell; small sets flag nothing."""
     rng = np.random.default_rng(0)
     bvals = np.array([0] * 3 + [1000] * 10 + [2000] * 10, float)
-    rms_slice = np.where(bvals[:, None] > 1500, 50.0, 100.0) * rng.uniform(0.95, 1.05, (23, 12))
+    level = np.where(bvals[:, None] > 1500, 50.0, 100.0)
+    rms_slice = level * rng.uniform(0.95, 1.05, (23, 12))
     rms_slice[15, 4] *= 3  # a b=2000 volume with one bad slice
     rms_slice[1, 2] *= 5  # a b0 (a set of three: never judged)
     rms_volume = np.sqrt(np.mean(rms_slice ** 2, axis=1))

@@ -31,7 +31,7 @@ def _browser_or_skip():
         sync_playwright = None
     if sync_playwright is None or not shutil.which(CHROMIUM):
         if os.environ.get("CI"):
-            pytest.fail("CI installs chromium and playwright (.ci/run): neither may be missing")
+            pytest.fail("CI installs chromium and playwright (.ci/run): both must be there")
         pytest.skip("needs playwright and Debian's chromium (apt-get install chromium)")
     return sync_playwright
 

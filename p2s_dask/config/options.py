@@ -70,6 +70,15 @@ def spell_value(name: str, value) -> str:
     return f"{name}={value!r}"
 
 
+def is_auto(value) -> bool:
+    """Whether an option's value is ``'auto'`` (any case): left to the data.
+
+    >>> is_auto("Auto"), is_auto(1)
+    (True, False)
+    """
+    return isinstance(value, str) and value.strip().lower() == AUTO
+
+
 @dataclass(frozen=True)
 class Options:
     """Everything a denoising run can be told, for every front.
@@ -80,8 +89,13 @@ class Options:
 
     # -- options that change the result
     patch_radius: object = field(default=0, metadata=_opt(
-        "--patch-radius", "patch radius in voxels: R or RX,RY,RZ",
+        "--patch-radius", "patch radius in voxels: R or RX,RY,RZ, or auto (chosen by "
+        "cross-validation from 0 up to --max-patch-radius; needs --ver 1)",
         result=True, metavar="R", aliases=("--patch_radius",)))
+    # changes the result only with patch_radius 'auto' (see result_fields)
+    max_patch_radius: object = field(default=1, metadata=_opt(
+        "--max-patch-radius", "the largest radius --patch-radius auto scores: R or "
+        "RX,RY,RZ", result=True, metavar="R"))
     model: str = field(default="ols", metadata=_opt(
         "--model", "ols, ridge or lasso", result=True))
     b0_threshold: float = field(default=50, metadata=_opt(
@@ -90,8 +104,9 @@ class Options:
     out_dtype: object = field(default=None, metadata=_opt(
         "--out-dtype", "output dtype (default: the input's)", result=True,
         aliases=("--out_dtype",)))
-    alpha: float = field(default=1.0, metadata=_opt(
-        "--alpha", "penalty of ridge and lasso", result=True))
+    alpha: object = field(default=1.0, metadata=_opt(
+        "--alpha", "penalty of ridge and lasso, or auto (ridge: chosen by cross-validation)",
+        result=True))
     b0_denoising: bool = field(default=True, metadata=_opt(
         "--b0-denoising", "denoise the b0 volumes", result=True,
         switch=True, negative="--skip_b0_denoising"))
@@ -176,7 +191,11 @@ class Options:
             value = getattr(self, f.name)
             if f.name == "out_dtype" and value is not None:
                 value = str(np.dtype(value))
-            elif f.name == "patch_radius":
+            elif f.name == "patch_radius" and not is_auto(value):
+                value = [int(v) for v in np.atleast_1d(value)]
+            elif f.name == "max_patch_radius":
+                if not is_auto(self.patch_radius):
+                    continue  # no choice to bound: earlier fingerprints stay valid
                 value = [int(v) for v in np.atleast_1d(value)]
             elif f.name == "groups" and value is not None and not isinstance(value, str):
                 value = [int(v) for v in np.asarray(value).ravel()]

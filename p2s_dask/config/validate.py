@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import numbers
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..core.crossval import DEFAULT_FOLDS, candidate_radii
 from ..core.patches import normalize_radius, patch_size
 from ..core.solve import MODELS, as_solver, interpolates
 from ..errors import InputError
 from .estimators import accepted, is_estimator, solver_from_estimator
-from .options import spell, spell_value
+from .options import is_auto, spell, spell_value
 
 
 def check_shape(shape) -> None:
@@ -51,24 +53,102 @@ def check_bvals(bvals, n_volumes: int, *, stacklevel: int = 3) -> np.ndarray:
     return arr
 
 
-def check_options(*, patch_radius, model, alpha, version, out_dtype):
+def check_options(*, patch_radius, model, alpha, version, out_dtype, max_patch_radius=1):
     """Validate the scalar options; return ``(radius, model, out_dtype)``.
 
     ``model`` comes back as a lower-case name, or as a
-    :class:`~p2s_dask.core.solve.Solver` for a scikit-learn estimator.
+    :class:`~p2s_dask.core.solve.Solver` for a scikit-learn estimator. With
+    ``patch_radius='auto'`` the radius is ``max_patch_radius``'s: that of
+    the statistics, from which every smaller radius is scored (see
+    :func:`auto_settings`).
     """
-    radius = normalize_radius_or_raise(patch_radius)
+    largest = normalize_radius_or_raise(max_patch_radius, "max_patch_radius")
+    radius = largest if is_auto(patch_radius) else normalize_radius_or_raise(patch_radius)
     model = check_model(model)
-    if not isinstance(alpha, numbers.Real) or not np.isfinite(alpha) or alpha < 0:
-        raise InputError(f"{spell('alpha')} must be a finite number >= 0; got {alpha!r}")
+    if not is_auto(alpha) and (not isinstance(alpha, numbers.Real) or not np.isfinite(alpha)
+                               or alpha < 0):
+        raise InputError(f"{spell('alpha')} must be a finite number >= 0 or 'auto'; "
+                         f"got {alpha!r}")
     if version not in (1, 3):
         raise InputError(f"{spell('version')} must be 1 or 3; got {version!r}")
+    _check_auto(patch_radius, model, alpha, version)
     if version == 3 and any(radius):
         raise InputError(
             f"{spell_value('version', 3)} works with {spell_value('patch_radius', 0)} only "
             f"(as in DIPY); use {spell_value('version', 1)} for larger patches"
         )
     return radius, model, check_out_dtype(out_dtype)
+
+
+def _check_auto(patch_radius, model, alpha, version) -> None:
+    """What 'auto' needs, each in one line naming the option: a radius left
+    to the data needs version 1 (as any radius above 0) and a model the
+    cross-validation scores ('ols' or 'ridge'); a penalty left to it, ridge."""
+    if is_auto(alpha) and model != "ridge":
+        raise InputError(f"{spell_value('alpha', 'auto')} chooses the penalty of "
+                         f"{spell_value('model', 'ridge')} only; got "
+                         f"{spell_value('model', getattr(model, 'label', model))}")
+    if not is_auto(patch_radius):
+        return
+    if version != 1:
+        raise InputError(f"{spell_value('patch_radius', 'auto')} needs "
+                         f"{spell_value('version', 1)}, as any radius above 0 does "
+                         f"({spell_value('version', 3)} works with "
+                         f"{spell_value('patch_radius', 0)} only, as in DIPY)")
+    if model not in ("ols", "ridge"):
+        raise InputError(f"{spell_value('patch_radius', 'auto')} scores "
+                         f"{spell_value('model', 'ols')} and {spell_value('model', 'ridge')} "
+                         f"only; got {spell_value('model', getattr(model, 'label', model))}")
+
+
+@dataclass(frozen=True)
+class AutoSettings:
+    """What a run leaves to the data (``patch_radius`` or ``alpha`` 'auto').
+
+    Attributes
+    ----------
+    radius : tuple of 3 int
+        The statistics' radius ``R``, the largest scored.
+    radii : tuple of tuples
+        The radii scored: ``R`` alone, or every radius up to it
+        (:func:`~p2s_dask.core.crossval.candidate_radii`).
+    model : {'ols', 'ridge'}
+    alpha : float or None
+        Ridge's penalty; None: chosen from a grid (``alpha='auto'``).
+    radius_auto : bool
+        The radius is left to the data (else only the penalty is).
+    n_folds : int
+        Spatial folds of whole blocks.
+    """
+
+    radius: tuple
+    radii: tuple
+    model: str
+    alpha: float | None
+    radius_auto: bool = True
+    n_folds: int = DEFAULT_FOLDS
+
+    @property
+    def chosen(self) -> str:
+        """What is left to the data, in words: 'patch radius', 'alpha' or both."""
+        words = ["patch radius"] * self.radius_auto + ["alpha"] * (self.alpha is None)
+        return " and ".join(words)
+
+
+def auto_settings(patch_radius, model, alpha, max_patch_radius=1):
+    """The :class:`AutoSettings` of valid options (after
+    :func:`check_options`), or None when nothing is left to the data."""
+    if not (is_auto(patch_radius) or is_auto(alpha)):
+        return None
+    model = check_model(model)
+    if is_auto(patch_radius):
+        radius = normalize_radius_or_raise(max_patch_radius, "max_patch_radius")
+        radii = tuple(candidate_radii(radius))
+    else:
+        radius = normalize_radius_or_raise(patch_radius)
+        radii = (radius,)
+    return AutoSettings(radius, radii, model, None if is_auto(alpha) else float(alpha),
+                        radius_auto=is_auto(patch_radius))
 
 
 # what the NIfTI and NIfTI-Zarr writers store (io.meta.DwiMeta.for_values:
@@ -219,11 +299,13 @@ def check_precision(precision, data_dtype, out_dtype) -> np.dtype:
     return np.dtype(np.float64)
 
 
-def normalize_radius_or_raise(patch_radius):
+def normalize_radius_or_raise(patch_radius, name="patch_radius"):
+    """Three non-negative ints, or one line naming option ``name`` as the
+    front spells it."""
     try:
         return normalize_radius(patch_radius)
     except (ValueError, TypeError) as exc:
-        raise InputError(str(exc).replace("patch_radius", spell("patch_radius"))) from None
+        raise InputError(str(exc).replace("patch_radius", spell(name))) from None
 
 
 def describe_nonfinite(count: int, first) -> str:

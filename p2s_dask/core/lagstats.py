@@ -52,7 +52,11 @@ no large cancellation is left; the means come from the same sums.
 
 :class:`LagSum` adds the products of block after block into one running
 ``F x F`` matrix (each block still centred on its own reference, then merged
-by rank-1 updates), so a run of blocks holds one such matrix.
+by rank-1 updates), so a run of blocks holds one such matrix. The engine's
+lanes hold less: the compact lag parts of :mod:`.lagparts` (one reference per
+lane, no ``F x F`` until the merged lanes are done), which reuse
+:func:`_lag_products` (its window sums go to any ``sink``) and the centring
+and finishing here.
 
 Plain NumPy; one thread (the caller limits BLAS).
 """
@@ -128,7 +132,9 @@ def lag_block_stats(block: np.ndarray, radius, mask: np.ndarray | None = None,
         return Stats.empty(n_features)
     cross = np.zeros((n_features, n_features))
     sums = np.zeros((m, n_offsets))
-    ref, exact = _lag_products(block, radius, mask, count, max_bytes, cross, sums)
+    ref, exact = _reference(block, radius, mask, count)
+    sink = functools.partial(_add_windows, cross, sums, m)
+    _lag_products(block, radius, mask, ref, max_bytes, sink)
     _volume_major(cross, m, n_offsets)
     if exact:
         return _finish_exact(cross, sums, ref, count)
@@ -152,22 +158,22 @@ def _checked(block, radius, mask):
     return block, mask, count
 
 
-def _lag_products(block, radius, mask, count, max_bytes, cross, sums):
-    """Add the block's lag products, about its reference, into ``cross``
-    (offset-major, see :func:`_add_windows`) and its sums into ``sums``;
-    return the reference and whether the products are exact integers."""
+def _lag_products(block, radius, mask, ref, max_bytes, sink, augmented=False):
+    """The block's lag products about the per-volume reference ``ref``,
+    window by window: ``sink(lag, pairs, blocks)`` gets each lag's window sums
+    (see :func:`_add_windows`). With ``augmented`` every lag's products carry
+    the row and column of the volume of ones (window sums and counts), not
+    only the zero lag's."""
     m = block.shape[-1]
-    ref, exact = _reference(block, radius, mask, count)
-    geo = _Geometry(block.shape[:3], radius, m)
+    geo = _Geometry(block.shape[:3], radius, m, augmented)
     classes = None if mask is None else _Classes(geo.memberships(mask), geo)
     for z0, z1 in geo.chunks(max_bytes):
         work, flat = geo.working_copy(block, ref, z0, z1)
         if classes is None:
-            _box_chunk(work, flat, z0, z1, geo, cross, sums)
+            _box_chunk(work, flat, z0, z1, geo, sink)
         else:
-            _mask_chunk(flat, z0, z1, geo, classes, cross, sums)
+            _mask_chunk(flat, z0, z1, geo, classes, sink)
         del work, flat
-    return ref, exact
 
 
 class LagSum:
@@ -210,7 +216,9 @@ class LagSum:
         if self.cross is None:
             self.cross = np.zeros((f, f))
         sums = np.zeros((self.m, self.n_offsets))
-        ref, _ = _lag_products(block, self.radius, mask, count, max_bytes, self.cross, sums)
+        ref, _ = _reference(block, self.radius, mask, count)
+        sink = functools.partial(_add_windows, self.cross, sums, self.m)
+        _lag_products(block, self.radius, mask, ref, max_bytes, sink)
         s = sums.T.reshape(-1)  # offset-major, as the cross products
         target = self.cross.T  # Fortran-ordered: BLAS updates it in place
         t = s / math.sqrt(count)
@@ -302,6 +310,16 @@ def _finish_exact(cross, sums, ref, count, rows=256):
 # geometry
 
 
+def _centred_into(src, ref, dst):
+    """``dst = src - ref`` per volume (axis 0), in int64 for an integer
+    reference (exact), then stored as float64."""
+    if ref.dtype.kind == "i":
+        np.subtract(src, ref[:, None, None, None], out=dst, casting="unsafe",
+                    dtype=np.int64)
+    else:
+        np.subtract(src, ref[:, None, None, None], out=dst, dtype=np.float64)
+
+
 class _Geometry:
     """The block in permuted axes: slow (thinnest), middle, fast.
 
@@ -316,7 +334,8 @@ class _Geometry:
     whole rows.
     """
 
-    def __init__(self, block_shape, radius, m):
+    def __init__(self, block_shape, radius, m, augmented=False):
+        self.augmented = augmented
         self.perm = tuple(int(a) for a in np.argsort(block_shape, kind="stable"))
         self.b = tuple(int(block_shape[a]) for a in self.perm)
         self.r = tuple(int(radius[a]) for a in self.perm)
@@ -350,12 +369,7 @@ class _Geometry:
         work = flat[:, :voxels].reshape(self.m + 1, top - z0, self.b[1], self.sx)
         work[:, :, :, self.b[2]:] = 0.0
         work[self.m, :, :, :self.b[2]] = 1.0
-        dst = work[:self.m, :, :, :self.b[2]]
-        if ref.dtype.kind == "i":
-            np.subtract(src, ref[:, None, None, None], out=dst, casting="unsafe",
-                        dtype=np.int64)
-        else:
-            np.subtract(src, ref[:, None, None, None], out=dst, dtype=np.float64)
+        _centred_into(src, ref, work[:self.m, :, :, :self.b[2]])
         return work, flat
 
     def memberships(self, mask):
@@ -370,6 +384,11 @@ class _Geometry:
 
     def shift(self, lag):
         return lag[0] * self.sz + lag[1] * self.sx + lag[2]
+
+    def rows(self, lag):
+        """Rows of the working copy in the products of ``lag``: the volumes,
+        and the volume of ones for the zero lag (or every lag, augmented)."""
+        return self.m + 1 if self.augmented or not any(lag) else self.m
 
     def windows(self, lag):
         """Per axis: the offsets of the windows of ``lag``, their segments,
@@ -467,7 +486,7 @@ def _fast_major(view):
     return np.ascontiguousarray(view.transpose(0, 3, 1, 2)).reshape(view.shape[0], -1)
 
 
-def _box_chunk(work, flat, z0, z1, geo, cross, sums):
+def _box_chunk(work, flat, z0, z1, geo, sink):
     """Lag products over the box windows, left voxels in planes ``[z0, z1)``.
 
     Per lag, the segments of each axis give cells (boxes). The cell that is
@@ -476,11 +495,10 @@ def _box_chunk(work, flat, z0, z1, geo, cross, sums):
     all of each line), less the thin cells inside those lines. The other
     cells are thin (at most ``2 r - |lag|`` layers) and are copied out.
     """
-    m = geo.m
     b2 = geo.b[2]
     for lag in geo.lags:
         zero = not any(lag)
-        mm = m + 1 if zero else m
+        mm = geo.rows(lag)
         (ds0, segs0, inc0, _), (ds1, segs1, inc1, core1), (ds2, segs2, inc2, core2) = \
             geo.windows(lag)
         used = [i0 for i0, (a0, e0) in enumerate(segs0) if max(a0, z0) < min(e0, z1)]
@@ -516,7 +534,7 @@ def _box_chunk(work, flat, z0, z1, geo, cross, sums):
                     f0, f1 = segs2[run[0]][0], segs2[run[-1]][1]
                     left = _fast_major(work[:mm, la:lb, a1:e1, f0:f1])
                     if not zero:
-                        right = _fast_major(work[:m, la + lag[0]:lb + lag[0],
+                        right = _fast_major(work[:mm, la + lag[0]:lb + lag[0],
                                                  a1 + lag[1]:e1 + lag[1],
                                                  f0 + lag[2]:f1 + lag[2]])
                     for i2 in run:
@@ -532,7 +550,7 @@ def _box_chunk(work, flat, z0, z1, geo, cross, sums):
         x = np.matmul(inc2, cells.reshape(n0 * n1, n2, mm * mm))   # (n0 n1, K2, .)
         x = np.matmul(inc1, x.reshape(n0, n1, -1))                 # (n0, K1, K2 .)
         x = inc0[:, used] @ x.reshape(n0, -1)                      # (K0, K1 K2 .)
-        _add_windows(cross, sums, m, lag, geo.pairs(lag), x.reshape(-1, mm, mm))
+        sink(lag, geo.pairs(lag), x.reshape(-1, mm, mm))
 
 
 # ----------------------------------------------------------------------------
@@ -624,7 +642,7 @@ class _Voxels:
         return out
 
 
-def _mask_chunk(flat, z0, z1, geo, classes, cross, sums):
+def _mask_chunk(flat, z0, z1, geo, classes, sink):
     """Lag products over the shifted masks, left voxels in planes ``[z0, z1)``.
 
     The voxels of every class (:class:`_Classes`) are gathered once; per lag,
@@ -645,7 +663,7 @@ def _mask_chunk(flat, z0, z1, geo, classes, cross, sums):
     lefts = {c: np.take(flat, v.idx, axis=1) for c, v in members.items()}
     # one buffer for the partners of every class: a fresh array per product
     # would be mapped (and faulted in) anew each time
-    partner = np.empty(m * int(np.diff(bounds).max(initial=0)))
+    partner = np.empty((m + 1) * int(np.diff(bounds).max(initial=0)))
     # voxels whose windows differ from their class's somewhere
     voxels = np.flatnonzero(here)
     taken = np.zeros((voxels.size, classes.bits.shape[1]), dtype=bool)
@@ -656,7 +674,7 @@ def _mask_chunk(flat, z0, z1, geo, classes, cross, sums):
     own = classes.bits[voxels]
     for lag in geo.lags:
         zero = not any(lag)
-        mm = m + 1 if zero else m
+        mm = geo.rows(lag)
         pairs = geo.pairs(lag)
         ps = np.array([p for p, _ in pairs])
         s = geo.shift(lag)
@@ -667,8 +685,8 @@ def _mask_chunk(flat, z0, z1, geo, classes, cross, sums):
             if zero:
                 products[i] = lc @ lc.T
             else:
-                out = partner[:m * lc.shape[1]].reshape(m, -1)
-                products[i] = lc @ members[c].gather(flat, s, m, out).T
+                out = partner[:mm * lc.shape[1]].reshape(mm, -1)
+                products[i] = lc @ members[c].gather(flat, s, mm, out).T
         weights = classes.patterns[active][:, ps].T.astype(np.float64)
         blocks = (weights @ products.reshape(active.size, mm * mm)).reshape(len(ps), mm, mm)
         if voxels.size:
@@ -686,4 +704,4 @@ def _mask_chunk(flat, z0, z1, geo, classes, cross, sums):
                     blocks[ks[a]] += lc[:, a:b] @ rc[:, a:b].T
                 if zero:  # signed corrections are products of two operands
                     blocks = 0.5 * (blocks + blocks.transpose(0, 2, 1))
-        _add_windows(cross, sums, m, lag, pairs, blocks)
+        sink(lag, pairs, blocks)

@@ -27,11 +27,30 @@ def _chunks(text):
     return tuple(parts)
 
 
-def _radius(text):
-    parts = _ints(text, "--patch-radius")
+def _radius(text, flag="--patch-radius", auto=True):
+    """R, RX,RY,RZ or (``auto``) the word 'auto'."""
+    if auto and text.strip().lower() == "auto":
+        return "auto"
+    parts = _ints(text, flag)
     if len(parts) not in (1, 3):
-        raise argparse.ArgumentTypeError("--patch-radius takes 1 or 3 ints, e.g. 1 or 1,1,0")
+        also = ", or auto" if auto else ""
+        raise argparse.ArgumentTypeError(f"{flag} takes 1 or 3 ints, e.g. 1 or 1,1,0{also}")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _max_radius(text):
+    return _radius(text, "--max-patch-radius", auto=False)
+
+
+def _alpha(text):
+    """A number, or 'auto' (ridge's penalty chosen by cross-validation)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alpha takes a number or auto; got {text!r}") \
+            from None
 
 
 def _storage(text):
@@ -46,7 +65,8 @@ def _storage(text):
 
 # how each option's text becomes a value (default: the text itself)
 _PARSERS = {
-    "patch_radius": _radius, "alpha": float, "b0_threshold": float, "version": int,
+    "patch_radius": _radius, "max_patch_radius": _max_radius, "alpha": _alpha,
+    "b0_threshold": float, "version": int,
     "chunks": _chunks, "storage_options": _storage, "workers": int, "threads": int,
     "log_level": str.upper,
 }
@@ -309,6 +329,9 @@ def _denoise_one(args, opts, inp, out):
                               manifest=manifest)
         if report.resumed:
             print(f"p2s-dask: resumed from earlier work: {', '.join(report.resumed)}")
+        if report.cross_validation is not None:
+            from ..run.auto import choice_line
+            print(f"p2s-dask: {choice_line(report.cross_validation)}")
         print(report.summary_line())
         for target in manifest.targets("report"):
             put_text(target, json.dumps(report.as_dict(), indent=1) + "\n",

@@ -5,7 +5,8 @@ Three passes, each a plain Dask graph over the input:
 1. :func:`summarize` — per-block statistics of every group's patch features,
    plus per-volume minima and a NaN/Inf census, merged along a chain (or,
    with a patch and large scatters, summed along one lane of blocks per
-   thread, which bounds the F x F matrices held at once);
+   thread in the compact lag form of :mod:`..core.lagparts`, the F x F
+   scatter formed once from the merged lanes);
 2. :func:`volume_minima` of the (unshifted) prediction, only for
    ``shift_intensity``;
 3. :func:`predict` — one matrix product per group and block, then the shift,
@@ -30,13 +31,15 @@ from dask.array.core import normalize_chunks, slices_from_chunks
 from dask.graph_manipulation import bind
 
 from ..core import LinearModel, block_stats, fit, merge, patch_size, predict_block
-from ..core.lagstats import LagSum, lag_block_stats, lags_pay_off
+from ..core.lagparts import LagParts
+from ..core.lagstats import lag_block_stats, lags_pay_off
 from ..core.layout import rows_order, voxel_rows
 from ..core.postprocess import intensity_shift
 from ..core.predict import combine
 from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.predict import prediction_range as block_prediction_range
 from ..planning.chunking import chunk_policy, patch_lanes
+from ..planning.plan import fold_chunks
 from ..errors import InputError
 from ..config.groups import Group
 from ..run.threads import OneBlasThread
@@ -102,6 +105,9 @@ class DenoiseSpec:
     shift_intensity: bool = True
     clip_negative_vals: bool = False
     calc_dtype: object = np.float64  # arithmetic of the prediction
+    # AutoSettings: radius and/or penalty left to the data (radius is then
+    # the largest scored, that of the statistics); see p2s_dask.run.auto
+    auto: object = None
 
 
 # An in-memory call's budget: what the call may add to the data and the
@@ -109,8 +115,9 @@ class DenoiseSpec:
 # run counts it). A fixed amount, not the share of the machine's memory that
 # a file run gets by default: the sizes set the order of the float sums, and
 # the API's answer does not change with the RAM. A quarter of it goes to the
-# blocks in flight, the rest to the lanes of patch statistics, each an F x F
-# scatter and its working copies (0.5 GB for 160 volumes at r = 1): the file
+# blocks in flight, the rest to the lanes of patch statistics, each its
+# compact lag parts and a working copy (0.17 GB for 160 volumes at r = 1; the
+# F x F scatter, formed once from the merged lanes, is 0.15 GB): the file
 # runs' chunk_policy (with the lanes apart) and patch_lanes
 IN_MEMORY_BUDGET = 2 << 30
 IN_MEMORY_BLOCKS_SHARE = 4
@@ -127,7 +134,7 @@ def local_threads() -> int:
     return max(1, int(CPU_COUNT))
 
 
-def in_memory_sizes(shape, radius=(0, 0, 0), memory_limit=None, threads=None):
+def in_memory_sizes(shape, radius=(0, 0, 0), memory_limit=None, threads=None, folds=0):
     """Chunks and lanes of an in-memory run, by the file runs' budget rules.
 
     Sizes follow from the budget and the local scheduler's threads only,
@@ -144,6 +151,9 @@ def in_memory_sizes(shape, radius=(0, 0, 0), memory_limit=None, threads=None):
         The call's budget; default :data:`IN_MEMORY_BUDGET`.
     threads : int, optional
         Default :func:`local_threads`.
+    folds : int, optional
+        Cross-validation folds of whole blocks: blocks thin enough along z
+        to deal them (:func:`~p2s_dask.planning.plan.fold_chunks`).
 
     Returns
     -------
@@ -157,6 +167,8 @@ def in_memory_sizes(shape, radius=(0, 0, 0), memory_limit=None, threads=None):
     threads = threads or local_threads()
     blocks = budget // IN_MEMORY_BLOCKS_SHARE
     spatial = chunk_policy(shape, 8, blocks, threads, radius, lanes_apart=True)
+    if folds:
+        spatial = fold_chunks(shape, spatial, radius, folds)
     lanes = patch_lanes(shape, radius, budget - blocks, threads, process_bytes=0)
     return (*spatial, int(shape[3])), lanes
 
@@ -246,6 +258,9 @@ class _StatsSpec:
     radius: tuple
     check_finite: bool = True
     method: str = "auto"  # how patch statistics are computed
+    # the image's (x, y, z) when the blocks are all of it: lanes then sum
+    # the compact cells of core.lagparts (else its windows, e.g. per fold)
+    image_shape: tuple | None = None
 
 
 def aligned(block: np.ndarray) -> np.ndarray:
@@ -272,7 +287,7 @@ def _summarize_block(block, mask, origin, spec: _StatsSpec) -> Summary:
 
 def _block_summary(block, mask, origin, spec: _StatsSpec, running=None) -> Summary:
     """One block's :class:`Summary`; with ``running`` (a lane's entries, see
-    :func:`_lane_step`) lag statistics are added into its :class:`LagSum`."""
+    :func:`_lane_step`) lag statistics are added into its :class:`LagParts`."""
     groups, radius, method = spec.groups, spec.radius, spec.method
     block = aligned(block)
     inner = _interior(block, radius)
@@ -300,7 +315,7 @@ def _block_summary(block, mask, origin, spec: _StatsSpec, running=None) -> Summa
                          for g in groups]
     else:
         running = running or [None] * len(groups)
-        summary.stats = [_group_stats(block, g.indices, radius, mask, method, into)
+        summary.stats = [_group_stats(block, g.indices, radius, mask, method, into, origin)
                          if g.denoise else None for g, into in zip(groups, running)]
     return summary
 
@@ -312,17 +327,17 @@ def _uses_lag(m, radius, masked, method) -> bool:
     return method == "lag" or (method == "auto" and lags_pay_off(m, radius, masked))
 
 
-def _group_stats(block, indices, radius, mask, method="auto", into=None):
+def _group_stats(block, indices, radius, mask, method="auto", into=None, origin=None):
     """One group's statistics: from lagged products where they pay off
     (patch radius > 0: ~63 m^2 products per voxel instead of 364 m^2), else
     the direct scatter; ``method`` 'lag' or 'direct' forces one. Lag
-    statistics go into the :class:`LagSum` ``into`` when one is given (and
-    it is returned)."""
+    statistics go into the :class:`LagParts` ``into`` when one is given
+    (with the block's ``origin``; ``into`` is returned)."""
     rng = _as_range(indices)  # consecutive volumes: a view, no copy
     part = block[..., slice(*rng)] if rng is not None else block[..., list(indices)]
     if _uses_lag(part.shape[-1], radius, mask is not None, method):
         if into is not None:
-            into.add(part, mask)
+            into.add(part, mask, origin)
             return into
         return lag_block_stats(part, radius, mask)
     return block_stats(part, radius, mask)
@@ -343,12 +358,20 @@ def _merge_summaries(*items: Summary) -> Summary:
         if out.nonfinite or s.nonfinite:
             stats = []  # the run stops with an error; statistics are moot
         else:
-            # a lane's LagSum has had the block added already
-            stats = [a if a is None or a is b else merge(a, b, overwrite_a=True)
-                     for a, b in zip(out.stats, s.stats)]
+            stats = [_merged_stats(a, b) for a, b in zip(out.stats, s.stats)]
         out = Summary(stats, np.minimum(out.minima, s.minima),
                       out.nonfinite + s.nonfinite, first)
     return out
+
+
+def _merged_stats(a, b):
+    """``a`` with ``b`` merged in (in place): statistics, or two lanes'
+    :class:`LagParts`; a lane's own parts have had the block added already."""
+    if a is None or a is b:
+        return a
+    if isinstance(a, LagParts):
+        return a.merge(b)
+    return merge(a, b, overwrite_a=True)
 
 
 def _tree(items, fan_in=TREE_FAN_IN):
@@ -380,9 +403,9 @@ def _chain(items, step=TREE_FAN_IN):
 def _lane_step(lane, block, mask, origin, spec: _StatsSpec) -> Summary:
     """A lane's summary with one more block (``lane`` None: its first).
 
-    Lag statistics are summed into the lane's :class:`LagSum` of each group
-    (one F x F matrix per lane, however many blocks), other statistics are
-    merged in place; ``lane`` is spent (see :func:`_merge_summaries`).
+    Lag statistics are summed into the lane's :class:`LagParts` of each
+    group (compact: no F x F matrix, however many blocks), other statistics
+    are merged in place; ``lane`` is spent (see :func:`_merge_summaries`).
     """
     with OneBlasThread():
         if lane is not None and lane.nonfinite:
@@ -390,7 +413,8 @@ def _lane_step(lane, block, mask, origin, spec: _StatsSpec) -> Summary:
             census = _block_summary(block, mask, origin, replace(spec, groups=()))
             return _merge_summaries(lane, census)
         if lane is None:
-            running = [LagSum(len(g.indices), spec.radius)
+            shape = spec.image_shape if mask is None else None
+            running = [LagParts(len(g.indices), spec.radius, shape)
                        if g.denoise and _uses_lag(len(g.indices), spec.radius,
                                                   mask is not None, spec.method)
                        else None for g in spec.groups]
@@ -401,8 +425,9 @@ def _lane_step(lane, block, mask, origin, spec: _StatsSpec) -> Summary:
 
 
 def _lane_finish(lane: Summary) -> Summary:
-    """A lane's summary with its sums turned into :class:`Stats`."""
-    lane.stats = [s.stats() if isinstance(s, LagSum) else s for s in lane.stats]
+    """The lanes' merged summary with its lag parts turned into
+    :class:`Stats` (each F x F scatter formed here, once)."""
+    lane.stats = [s.stats() if isinstance(s, LagParts) else s for s in lane.stats]
     return lane
 
 
@@ -420,20 +445,20 @@ def _lane_runs(sizes, lanes: int):
 def _lanes(tasks, sizes, spec: _StatsSpec, lanes: int):
     """Statistics summed along ``lanes`` chains of blocks, then merged.
 
-    With a patch every block's statistics are an F x F matrix of hundreds of
-    MB; a block and a merge at a time per lane hold one or two of them per
-    thread, where independent blocks would each hold one until merged.
+    With a patch a block's statistics are an F x F matrix of hundreds of
+    MB; a lane holds instead the compact lag parts of its blocks
+    (:class:`LagParts`), the lanes' parts merge, and the F x F scatter is
+    formed once from the merged parts.
     """
     step = dask.delayed(_lane_step, pure=True)
-    finish = dask.delayed(_lane_finish, pure=True)
-    finished = []
+    ends = []
     for run in _lane_runs(sizes, lanes):
         lane = None
         for i in run:
             block, mblock, origin = tasks[i]
             lane = step(lane, block, mblock, origin, spec)
-        finished.append(finish(lane))
-    return _tree(finished, 2)
+        ends.append(lane)
+    return dask.delayed(_lane_finish, pure=True)(_tree(ends, 2))
 
 
 def chunk_origins(chunks):
@@ -463,13 +488,57 @@ def summarize(arr: da.Array, groups: list[Group], radius, mask=None,
         (default: an in-memory run's, see :func:`in_memory_sizes`).
     """
     method = _stats_method.get() if method is None else _check_method(method)
-    spec = _StatsSpec(tuple(groups), tuple(radius), check_finite, method)
+    spec = _StatsSpec(tuple(groups), tuple(radius), check_finite, method,
+                      tuple(int(s) for s in arr.shape[:3]))
     tasks, sizes = _block_tasks(arr, radius, mask)
+    return _merged(tasks, sizes, spec, lanes, arr.shape)
+
+
+def fold_summaries(arr: da.Array, groups: list[Group], radius, mask, folds,
+                   check_finite=True, lanes=None) -> list:
+    """Pass 1 per fold: a delayed :class:`Summary` of each fold's blocks.
+
+    The blocks, and each block's statistics, are those of
+    :func:`summarize`, merged per fold instead of into one total (a fold is
+    a set of whole blocks, e.g.
+    :func:`~p2s_dask.core.crossval.block_folds` of the chunk grid). Compute
+    them one at a time and each holds what :func:`summarize` holds.
+
+    Parameters
+    ----------
+    arr, groups, radius, mask, check_finite, lanes
+        As :func:`summarize` (the statistics method is the one set by
+        :func:`statistics_method`).
+    folds : ndarray of int, shape ``numblocks`` of ``arr``'s spatial axes
+        Fold of every block, ``0 .. K-1``; every fold has a block.
+
+    Returns
+    -------
+    list of Delayed
+        One :class:`Summary` per fold.
+    """
+    spec = _StatsSpec(tuple(groups), tuple(radius), check_finite, _stats_method.get())
+    tasks, sizes = _block_tasks(arr, radius, mask)
+    labels = np.asarray(folds).reshape(-1)  # C order, as the tasks
+    if labels.size != len(tasks):
+        raise ValueError(f"{labels.size} fold labels for {len(tasks)} blocks")
+    out = []
+    for k in range(int(labels.max()) + 1):
+        pick = np.flatnonzero(labels == k)
+        out.append(_merged([tasks[i] for i in pick], [sizes[i] for i in pick], spec, lanes,
+                           arr.shape))
+    return out
+
+
+def _merged(tasks, sizes, spec: _StatsSpec, lanes, shape):
+    """The blocks' summaries merged into one (delayed): along lanes with a
+    patch and large scatters, else a chain (small) or a narrow tree."""
+    radius = spec.radius
     p = patch_size(radius)
-    widest = max([len(g.indices) * p for g in groups if g.denoise] or [1])
+    widest = max([len(g.indices) * p for g in spec.groups if g.denoise] or [1])
     if widest * widest * 8 > SMALL_SCATTER_BYTES and any(radius):
         if lanes is None:
-            lanes = in_memory_sizes(arr.shape, radius)[1]
+            lanes = in_memory_sizes(shape, radius)[1]
         return _lanes(tasks, sizes, spec, lanes)
     fn = dask.delayed(_summarize_block, pure=True)
     parts = [fn(block, mblock, origin, spec) for block, mblock, origin in tasks]
@@ -611,8 +680,9 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=N
     # the shift rides along with the intercept; the cast happens as values
     # are stored
     with OneBlasThread():
-        return predict_block(block, radius, fitted.plan, dtype=fitted.calc_dtype,
-                             offset=shift, transform=_post(clip, scale, counter), out=out)
+        return predict_block(block, radius, fitted.plan.shifted(shift),
+                             dtype=fitted.calc_dtype, transform=_post(clip, scale, counter),
+                             out=out)
 
 
 def _one_key(obj):

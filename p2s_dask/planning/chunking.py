@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from ..core.lagparts import lane_pieces
+
 # the largest block worth having: big enough for efficient GEMMs, few tasks
 # and efficient object-store requests; larger blocks only cost memory
 MAX_BLOCK_BYTES = 64 << 20
@@ -29,13 +31,16 @@ PATCH_PLANES = 12
 # block with its halo); predicting, up to BLOCKS_PER_THREAD with the blocks
 # queued for writing
 PATCH_BLOCKS_PER_THREAD = 4
-# the lanes (one per thread, see engine.summarize) each hold an F x F
-# scatter and the lag products' float64 working copy with its transients
-# (the products of every lag's cells): measured 0.43 GB a lane beside the
-# scatter for 300 volumes, whose working copy is 69 MB, so about six working
-# copies. As many lanes as fit the budget beside the process itself and the
-# threads' thinnest blocks, at least one (the solve needs the scatter)
-LANE_WORKING_COPIES = 6
+# the lanes (one per thread, see engine.summarize) each hold the compact lag
+# statistics of core.lagparts (at most lane_pieces(radius) pieces of
+# (n + 1)^2 float64: 185 at r = 1, 134 MB for 300 volumes, where an F x F
+# scatter is 583 MB) and one block's float64 working copy with small
+# transients: measured (tracemalloc, tests/test_lagstats.py) 1.04 working
+# copies beside the pieces; two leave room for the allocator. As many lanes
+# as fit the budget beside the process itself and the threads' thinnest
+# blocks, at least one. The F x F scatter is formed once, from the merged
+# lanes, for the solve (scatter_bytes)
+LANE_WORKING_COPIES = 2
 # the lag products' working copy holds about this much, but never fewer than
 # 1 + 2 r planes of all volumes (see core.lagstats._Geometry.chunks)
 LAG_SLAB_BYTES = 64 << 20
@@ -66,11 +71,19 @@ def lag_working_bytes(shape, radius, halo_voxels=None) -> int:
     return min(slab, int(halo_voxels) * (n + 1) * 8)
 
 
+def lane_parts_bytes(shape, radius) -> int:
+    """Bytes of the compact lag statistics one lane holds at most (all
+    ``n`` volumes' pieces, :func:`p2s_dask.core.lagparts.lane_pieces`): a
+    bound for any group's, without a mask (the file runs')."""
+    n = int(shape[3])
+    return lane_pieces(radius) * (n + 1) * (n + 1) * 8
+
+
 def lane_bytes(shape, radius, halo_voxels=None) -> int:
     """What one lane of patch statistics holds besides its blocks (for
     blocks of ``halo_voxels`` voxels with their halo, when known: the plan's
     estimate; the chunk policy, which picks the blocks, counts the most)."""
-    return scatter_bytes(shape, radius) \
+    return lane_parts_bytes(shape, radius) \
         + LANE_WORKING_COPIES * lag_working_bytes(shape, radius, halo_voxels)
 
 

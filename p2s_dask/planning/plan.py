@@ -26,7 +26,7 @@ from .chunking import PATCH_BLOCKS_PER_THREAD, chunk_policy, lane_bytes, patch_l
 
 # the passes of a file run in the order they may run; a plan holds those its
 # run needs (see :func:`make_plan`)
-PASS_NAMES = ("input", "statistics", "solve", "minima", "predict", "output")
+PASS_NAMES = ("input", "statistics", "crossval", "solve", "minima", "predict", "output")
 
 # an input read whole into memory and an output filled there take at most
 # this share of a worker's budget together; the blocks get the rest
@@ -36,6 +36,11 @@ MEMORY_IMAGE_SHARE = 0.5
 # prediction and the blocks queued for writing (statistics and minima hold
 # PATCH_BLOCKS_PER_THREAD, see .chunking)
 PREDICT_BLOCKS_PER_THREAD = 5
+
+# F x F scatters the cross-validation holds at once: the total, the fold
+# being scored (and its bytes as read from the work store), the training
+# statistics and the eigenvectors (or inverse) of their fit
+CROSSVAL_SCATTERS = 5
 
 
 class InputMode(str, enum.Enum):
@@ -163,6 +168,9 @@ class Settings:
     client_memory : int, optional
         The budget of this process, for the passes it runs itself (staging,
         solving, streaming); default: a worker's.
+    folds : int
+        Cross-validation folds of whole blocks (``patch_radius`` or
+        ``alpha`` 'auto'); 0: none.
     """
 
     radius: tuple = (0, 0, 0)
@@ -170,6 +178,7 @@ class Settings:
     chunks: tuple | None = None
     work_local: bool = True
     client_memory: int | None = None
+    folds: int = 0
 
 
 # -- the plan ---------------------------------------------------------------------
@@ -227,6 +236,11 @@ class Plan:
         This process's budget.
     held_input, held_output : int
         Bytes of an input read into memory and of an output filled there.
+    folds : int
+        Cross-validation folds (0: none): the statistics are merged per fold
+        of whole blocks (z-slabs of blocks dealt in turn,
+        :func:`~p2s_dask.core.crossval.block_folds` of :attr:`grid`) and the
+        crossval pass chooses the radius and penalty of the passes after it.
     """
 
     shape: tuple
@@ -242,6 +256,7 @@ class Plan:
     client_memory: int = 0
     held_input: int = 0
     held_output: int = 0
+    folds: int = 0
 
     @property
     def grid(self) -> tuple:
@@ -280,8 +295,10 @@ class Plan:
         """What of the plan a resumed run must share: the chunk grid (float
         rounding follows the blocks), the radius and the modes (the values
         a work store records)."""
-        return {"chunks": list(self.chunks), "radius": list(self.radius),
-                "input": self.input_mode.value, "output": self.output_mode.value}
+        out = {"chunks": list(self.chunks), "radius": list(self.radius),
+               "input": self.input_mode.value, "output": self.output_mode.value}
+        # only where there are folds: earlier work stores keep resuming
+        return {**out, "folds": self.folds} if self.folds else out
 
     def as_dict(self) -> dict:
         """The plan as JSON-ready data (for a run's report)."""
@@ -289,7 +306,8 @@ class Plan:
                 "output": self.output_mode.value,
                 "memory_per_worker": self.memory_per_worker,
                 "threads_per_worker": self.threads_per_worker, "workers": self.workers,
-                "held": self.held, "passes": [asdict(p) for p in self.passes]}
+                "held": self.held, "folds": self.folds,
+                "passes": [asdict(p) for p in self.passes]}
 
     def describe(self) -> list:
         """Human-readable lines for ``--dry-run``; see :func:`describe`."""
@@ -440,6 +458,29 @@ def _stored_fits(stored, shape, policy, radius) -> bool:
     return thick and small
 
 
+def fold_chunks(shape, chunks, radius, folds: int) -> tuple:
+    """Chunks thin enough along z to deal whole blocks into ``folds`` folds.
+
+    Aims at two z-slabs of blocks per fold (interleaved, so each fold spans
+    the field of view twice), never thinner than the radius: ``cz`` at most
+    ``ceil(z / (2 folds))``. Thinner blocks only cost their halos.
+
+    Parameters
+    ----------
+    shape : tuple of 3 or 4 ints
+    chunks : tuple of 3 ints
+    radius : tuple of 3 ints
+    folds : int
+
+    Returns
+    -------
+    tuple of 3 ints
+    """
+    z = int(shape[2])
+    thin = max(1, int(radius[2]), math.ceil(z / (2 * int(folds))))
+    return (int(chunks[0]), int(chunks[1]), min(int(chunks[2]), thin))
+
+
 def make_plan(data: Data, inp: Endpoint, out: Endpoint, workers: Workers,
               settings: Settings | None = None) -> Plan:
     """Build the :class:`Plan` of a run from plain facts.
@@ -467,18 +508,25 @@ def make_plan(data: Data, inp: Endpoint, out: Endpoint, workers: Workers,
     budget = Budget(memory, threads, patch_lanes(shape, radius, memory, threads))
     stored = data.stored_chunks if modes.input is InputMode.STORE else None
     chunks = choose_chunks(shape, itemsize, radius, budget, settings.chunks, stored)
+    if settings.folds and settings.chunks is None:
+        chunks = fold_chunks(shape, chunks, radius, settings.folds)
     client = int(settings.client_memory or workers.memory)
     plan = Plan(shape, int(itemsize), radius, tuple(chunks), modes.input, modes.output,
                 (), int(workers.memory), threads, int(workers.count), client,
                 modes.held_input, modes.held_output)
+    if settings.folds:
+        # no more folds than blocks (the user's chunks may be few)
+        plan = replace(plan, folds=min(int(settings.folds), plan.n_blocks))
     return replace(plan, passes=plan_passes(plan, budget.lanes, settings.minima))
 
 
 def plan_passes(plan: Plan, lanes: int, minima: bool) -> tuple:
     """The passes of ``plan`` in the order they run: the input pass when the
-    input is read or staged first, the statistics, the solve, the minima
-    when the prediction's range is needed, the prediction and the output
-    pass (the commit, which streams a NIfTI out of a store or memory).
+    input is read or staged first, the statistics, with folds the
+    cross-validation (which chooses the radius and penalty of the passes
+    after it), the solve, the minima when the prediction's range is needed,
+    the prediction and the output pass (the commit, which streams a NIfTI
+    out of a store or memory).
 
     ``lanes`` are those of one worker (:func:`.chunking.patch_lanes`): with
     a patch each lane holds a scatter, and no more threads than lanes run
@@ -493,9 +541,12 @@ def plan_passes(plan: Plan, lanes: int, minima: bool) -> tuple:
         staged = plan.input_mode is InputMode.STAGE
         passes.append(Pass("input", 0, plan.client_memory if staged else plan.held_input,
                            where="client"))
-    passes += [Pass("statistics", blocks, plan.held_input + work["statistics"], cap,
-                    plan.workers * lanes),
-               Pass("solve", 0, plan.held_input + work["solve"], where="client")]
+    passes.append(Pass("statistics", blocks, plan.held_input + work["statistics"], cap,
+                       plan.workers * lanes))
+    if plan.folds:
+        passes.append(Pass("crossval", 0, plan.held_input + work["crossval"],
+                           where="client"))
+    passes.append(Pass("solve", 0, plan.held_input + work["solve"], where="client"))
     if minima:
         passes.append(Pass("minima", blocks, plan.held_input + work["minima"], threads))
     passes.append(Pass("predict", blocks, plan.held + work["predict"], threads))
@@ -521,10 +572,14 @@ def _work_memory(plan: Plan, lanes: int) -> dict:
         # working copies
         summing = lanes * (PATCH_BLOCKS_PER_THREAD * block
                            + lane_bytes(plan.shape, plan.radius, halo_voxels=halo))
+    scatter = scatter_bytes(plan.shape, plan.radius)
+    if plan.folds:
+        # this process merges each fold's statistics into the total
+        summing += scatter
     return {"statistics": summing,
             "minima": threads * PATCH_BLOCKS_PER_THREAD * block,
             "predict": threads * PREDICT_BLOCKS_PER_THREAD * block,
-            "solve": scatter_bytes(plan.shape, plan.radius)}
+            "solve": scatter, "crossval": CROSSVAL_SCATTERS * scatter}
 
 
 # -- for people ---------------------------------------------------------------------
@@ -580,7 +635,9 @@ def describe(plan: Plan) -> list:
              + (f", images held in memory {human_bytes(plan.held)}" if plan.held else ""),
              "passes:"]
     for i, p in enumerate(plan.passes, 1):
-        lines.append(f"  {i}. {_describe_pass(p)}")
+        folds = f", {plan.folds} folds of whole blocks (z-slabs dealt in turn): " \
+            "chooses the radius and penalty" if p.name == "crossval" else ""
+        lines.append(f"  {i}. {_describe_pass(p)}{folds}")
     for p in plan.over_budget():
         lines.append(f"warning: the {p.name} pass needs about {human_bytes(p.memory)}, "
                      "more than the budget")

@@ -89,8 +89,9 @@ def subject_page(title: str, sections, read) -> str:
     parts = []
     for i, (heading, section) in enumerate(sections):
         if section is None:
-            parts.append(f'<section class="qc-run-report qc-missing"><h2>{html._e(heading)}'
-                         "</h2><p>No QC report for this run (it failed, or it was made "
+            title = html.escape(heading)
+            parts.append(f'<section class="qc-run-report qc-missing"><h2>{title}</h2>'
+                         "<p>No QC report for this run (it failed, or it was made "
                          "without one: rerun it with --overwrite).</p></section>")
         else:
             parts.append(html.inline_images(section, lambda name, i=i: read(i, name)))

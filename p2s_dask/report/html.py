@@ -57,8 +57,12 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _e(value) -> str:
+def escape(value) -> str:
+    """``value`` as HTML text (quotes too)."""
     return html.escape(str(value), quote=True)
+
+
+_e = escape
 
 
 def _flag_list(qc: dict) -> str:
@@ -95,17 +99,41 @@ def _run_table(info: dict) -> str:
     return _table(rows)
 
 
+def _cv_rows(cv) -> list:
+    """The rows of held-out errors in a run's ``cross_validation``: a list
+    of rows, a sidecar's record (``HeldOutErrors``) or the run's own record
+    (each group's ``candidates`` under ``table``)."""
+    if isinstance(cv, list):
+        return cv
+    if not isinstance(cv, dict):
+        return []
+    if "HeldOutErrors" in cv or "rows" in cv:
+        return list(cv.get("HeldOutErrors") or cv.get("rows") or [])
+    groups = (cv.get("table") or {}).get("groups") or {}
+    return [{"group": name, **row} for name, table in groups.items()
+            for row in table.get("candidates", [])]
+
+
+def _plain(value) -> bool:
+    """A value a table cell shows (numbers, words, a radius), not detail."""
+    if isinstance(value, (list, tuple)):
+        return len(value) <= 3 and all(isinstance(v, (int, float, str)) for v in value)
+    return isinstance(value, (int, float, str, bool)) or value is None
+
+
 def cross_validation_table(cv) -> str:
-    """The held-out errors a run's report may carry (``cross_validation``:
-    a list of rows, each a dict of column to value), as a table."""
-    rows = cv if isinstance(cv, list) else cv.get("rows", [])
+    """The held-out errors a run's report may carry (``cross_validation``),
+    as a table, with the setting chosen from them."""
+    rows = [{k: v for k, v in row.items() if _plain(v)} for row in _cv_rows(cv)]
     if not rows:
         return ""
     cols = list(dict.fromkeys(k for row in rows for k in row))
     head = "".join(f"<th>{_e(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{_e(row.get(c, ''))}</td>" for c in cols) + "</tr>"
                    for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    chosen = cv.get("setting") or cv.get("Chosen") if isinstance(cv, dict) else None
+    note = f"<p>Chosen: {_e(json.dumps(chosen))}</p>" if chosen else ""
+    return f"{note}<table><tr>{head}</tr>{body}</table>"
 
 
 def _figure(cls, title, src) -> str:

@@ -8,11 +8,11 @@ volumes flagged by :func:`flag_volumes`. Plain NumPy.
 The flag rule compares each volume with the other volumes of its shell in its
 group (volumes regressed together with about the same b-value, and so about
 the same residual level: a b=1000 volume leaves larger residuals than a
-b=2000 one, whose signal is lower), slice by slice: a dropped or darkened slice leaves a residual the size
-of the signal in that slice of that volume only, far above what the group's
-other volumes leave in the same slice. It is the robust z-score of
-:data:`~.summaries.FLAG_Z` (median and MAD over the group's volumes) and a
-ratio to the median of :data:`~.summaries.FLAG_RATIO`, both required.
+b=2000 one, whose signal is lower), slice by slice: a dropped or darkened
+slice leaves a residual the size of the signal in that slice of that volume
+only, far above what the shell's other volumes leave in the same slice. A
+robust z-score (median and MAD over the shell's volumes) and a ratio to the
+median must both be large (see :func:`flag_volumes`).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .summaries import (FLAG_MIN_VOLUMES, FLAG_RATIO, FLAG_SLICE_RATIO, FLAG_Z, MAD_FLOOR, MAD_TO_SIGMA,
-                        SHELL_ROUNDING, QcParts, QcSpec)
+from .summaries import (FLAG_MIN_VOLUMES, FLAG_RATIO, FLAG_SLICE_RATIO, FLAG_Z, MAD_FLOOR,
+                        MAD_TO_SIGMA, SHELL_ROUNDING, QcParts, QcSpec)
 
 # a slice whose median residual RMS is below this share of the group's
 # typical volume RMS is compared with that floor instead (slices of zeros)
@@ -105,10 +105,12 @@ def finish(parts: QcParts, spec: QcSpec, bvals, groups) -> QcResult:
     with np.errstate(invalid="ignore", divide="ignore"):
         rms_slice = np.where(voxels > 0, np.sqrt(sq / np.maximum(voxels, 1)), np.nan)
     rms_volume = np.sqrt(sq.sum(axis=1) / max(1, int(voxels.sum())))
-    noise = np.zeros((x, y, z), np.float32)
-    for origin, piece in parts.noise:
+    # in NIfTI's (Fortran) order, so that it is written without a copy; each
+    # piece is let go once placed: the map and its pieces are never all held
+    noise = np.zeros((x, y, z), np.float32, order="F")
+    while parts.noise:
+        origin, piece = parts.noise.pop()
         noise[tuple(slice(o, o + s) for o, s in zip(origin, piece.shape))] = piece
-    parts.noise = []  # the map is whole: the pieces may go
     sample = np.concatenate(parts.sample) if parts.sample else np.zeros(0, np.float32)
     spec_groups = [(g.name, tuple(int(i) for i in g.indices), bool(g.denoise)) for g in groups]
     result = QcResult(np.asarray(bvals, float), spec_groups, rms_volume, rms_slice, noise,
@@ -216,19 +218,22 @@ def flag_volumes(rms_slice, rms_volume, sets, bvals=None) -> list:
             bad_v = (z_v[:, 0] > FLAG_Z) & (r_v[:, 0] > FLAG_RATIO)
         for i, v in enumerate(idx):
             if bad_s[i].any() or bad_v[i]:
-                flags.append(_flag(v, name, bvals, bad_s[i], z_s[i], r_s[i],
-                                   z_v[i, 0], r_v[i, 0]))
+                flags.append(_flag(v, name, bvals, (bad_s[i], z_s[i], r_s[i]),
+                                   (z_v[i, 0], r_v[i, 0])))
     return sorted(flags, key=lambda f: f["volume"])
 
 
-def _flag(v, name, bvals, bad, z_slices, r_slices, z_volume, r_volume) -> dict:
-    """One flagged volume's entry (see :func:`flag_volumes`)."""
+def _flag(v, name, bvals, by_slice, whole) -> dict:
+    """One flagged volume's entry (see :func:`flag_volumes`): ``by_slice``
+    is (flagged, z-scores, ratios) of its slices, ``whole`` (z-score, ratio)
+    of the volume."""
+    bad, z_slices, r_slices = by_slice
     slices = [int(s) for s in np.flatnonzero(bad)]
     if slices:
         worst = slices[int(np.argmax(z_slices[slices]))]
         z, ratio = z_slices[worst], r_slices[worst]
     else:
-        z, ratio = z_volume, r_volume
+        z, ratio = whole
     return {"volume": int(v), "group": name,
             "bval": None if bvals is None else float(bvals[v]), "slices": slices,
             "z": round(float(z), 2), "ratio": round(float(ratio), 3)}

@@ -10,7 +10,7 @@ data's size:
 * per volume and per axial slice, the sum of squared residuals (``n x cz``)
   and, per slice, the voxels counted;
 * the block's part of the noise map (the residuals' RMS over the diffusion
-  volumes, one value per voxel: a thousandth of the block or less);
+  volumes, one value per voxel: 1/n-th of a block of n volumes);
 * a sample of residuals for the histogram, a fixed share of the block, so that
   all blocks together give about :data:`SAMPLE_SIZE` values;
 * the block's part of the few axial slices shown in the mosaics, input and
@@ -170,15 +170,24 @@ def _interior(block, radius):
     return block[tuple(slice(r, block.shape[i] - r) for i, r in enumerate(radius))]
 
 
-def _sample_positions(spec: QcSpec, origin, inner_shape) -> np.ndarray:
-    """Flat positions ``(x, y, z, sampled volume)`` of the block's sample,
-    sorted, the same whatever the order the blocks run in."""
-    size = int(np.prod(inner_shape[:3])) * len(spec.sampled)
+def _sample_positions(spec: QcSpec, origin, inner_shape):
+    """The block's sample: positions ``(x, y, z, sampled volume)`` in the
+    block, the same whatever the order the blocks run in, sorted by slice
+    then ``x`` (so that each strip of :func:`block_qc` finds its own with a
+    binary search); with their sort keys ``z * cx + x``."""
+    cx, cy, cz = (int(s) for s in inner_shape[:3])
+    size = cx * cy * cz * len(spec.sampled)
     k = min(size, int(np.ceil(spec.sample_rate * size)))
-    if k == 0:
-        return np.zeros(0, np.int64)
     rng = np.random.default_rng([spec.seed, *(int(o) for o in origin)])
-    return np.sort(rng.choice(size, size=k, replace=False))
+    flat = rng.choice(size, size=k, replace=False) if k else np.zeros(0, np.int64)
+    x, y, z, which = np.unravel_index(flat, (cx, cy, cz, len(spec.sampled)))
+    keys = z * cx + x
+    order = np.argsort(keys, kind="stable")
+    return keys[order], np.stack([x, y, which])[:, order]
+
+
+# bytes of float64 residuals a task holds at a time (a strip of one slice)
+STRIP_BYTES = 1 << 20
 
 
 def block_qc(block, out, origin, spec: QcSpec, slope=1.0) -> QcParts:
@@ -204,27 +213,39 @@ def block_qc(block, out, origin, spec: QcSpec, slope=1.0) -> QcParts:
     cx, cy, cz, n = inner.shape
     weights = np.zeros(n)
     weights[list(spec.noise_volumes)] = 1.0 / len(spec.noise_volumes)
-    positions = _sample_positions(spec, origin, inner.shape)
-    per_slice = cx * cy * len(spec.sampled)
-    sq = np.empty((n, cz))
+    sample = _sample_positions(spec, origin, inner.shape)
+    parts = QcParts(int(origin[2]), np.zeros((n, cz)), np.full(cz, cx * cy, np.int64))
     noise = np.empty((cx, cy, cz), np.float32)
-    parts = QcParts(int(origin[2]), sq, np.full(cz, cx * cy, np.int64))
-    sampled = np.asarray(spec.sampled, np.int64)
+    # strips of a slice, all volumes: a bounded float64 copy in either layout
+    step = max(1, STRIP_BYTES // (cy * n * 8))
+    how = (sample, weights, np.asarray(spec.sampled, np.int64), slope)
     for z in range(cz):
-        r = _slice_residuals(inner[:, :, z, :], out[:, :, z, :], slope)
-        # (voxels, volumes) in the slice's own layout: a view, no copy
-        order = "F" if r.flags.f_contiguous else "C"
-        rows = r.reshape(cx * cy, n, order=order)
-        r2 = np.square(rows)
-        sq[:, z] = r2.sum(axis=0)
-        noise[:, :, z] = np.sqrt(r2 @ weights).reshape(cx, cy, order=order)
-        here = positions[(positions >= z * per_slice) & (positions < (z + 1) * per_slice)]
-        if here.size:
-            xy, which = np.divmod(here - z * per_slice, len(spec.sampled))
-            parts.sample.append(rows[xy, sampled[which]].astype(np.float32))
+        for x0 in range(0, cx, step):
+            strip = (slice(x0, min(cx, x0 + step)), slice(None), z)
+            _strip(parts, noise, (inner[strip], out[strip]), (z, x0, cx), how)
         _mosaic_pieces(parts, inner, out, origin, z, spec, slope)
     parts.noise.append((tuple(int(o) for o in origin), noise))
     return parts
+
+
+def _strip(parts, noise, values, where, how):
+    """Add one strip of a slice to ``parts`` and ``noise``: ``values`` are
+    its input and output (x, y, volumes), ``where`` is ``(z, x0, cx)``,
+    ``how`` is ``(sample, weights, sampled volumes, slope)``."""
+    (inp, out), (z, x0, cx) = values, where
+    sample, weights, sampled, slope = how
+    r = _slice_residuals(inp, out, slope)
+    k, cy, n = r.shape
+    # (voxels, volumes) in the strip's own layout: a view, no copy
+    order = "F" if r.flags.f_contiguous else "C"
+    r2 = np.square(r.reshape(k * cy, n, order=order))
+    parts.sq[:, z] += r2.sum(axis=0)
+    noise[x0:x0 + k, :, z] = np.sqrt(r2 @ weights).reshape(k, cy, order=order)
+    keys, (xs, ys, which) = sample
+    lo, hi = np.searchsorted(keys, [z * cx + x0, z * cx + x0 + k])
+    if hi > lo:
+        picked = sampled[which[lo:hi]]
+        parts.sample.append(r[xs[lo:hi] - x0, ys[lo:hi], picked].astype(np.float32))
 
 
 def _slice_residuals(inp, out, slope):
@@ -240,8 +261,9 @@ def _mosaic_pieces(parts, inner, out, origin, z, spec, slope):
     if int(origin[2]) + z not in spec.slices:
         return
     for v in spec.mosaic_volumes:
+        # copies: a view would keep the whole block alive until the report
         parts.pieces.append((int(v), int(origin[2]) + z, int(origin[0]), int(origin[1]),
-                             np.asarray(inner[:, :, z, v], np.float32),
+                             np.array(inner[:, :, z, v], np.float32),
                              (np.asarray(out[:, :, z, v], np.float64) * slope
                               ).astype(np.float32)))
 

@@ -22,7 +22,8 @@ task (its thread count may change the order of sums).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 import dask
 import dask.array as da
@@ -32,13 +33,16 @@ from ..core import predict_block
 from ..core.layout import rows_order, volume_columns
 from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.postprocess import intensity_shift
-from ..graph.engine import (DenoiseSpec, FittedModels, _clip_negatives, _interior, _one_key,
-                            _RunningMin, as_chunked, fit_models, in_memory_sizes, summarize,
-                            with_halo)
+from ..graph.engine import (DenoiseSpec, FittedModels, Summary, _clip_negatives, _interior,
+                            _one_key, _RunningMin, as_chunked, fit_models, in_memory_sizes,
+                            summarize, with_halo)
+from .auto import choice_line, choose_in_memory, chosen_stats, fitted_setting
 from .executors import chunk_grid, contiguous, current_executor
 from .threads import OneBlasThread
 
 __all__ = ["DenoiseSpec", "block_order", "denoise_into", "prediction_chunks"]
+
+logger = logging.getLogger("p2s_dask")
 
 # float64 bytes of one prediction task's block: the statistics keep the
 # engine's (large) chunks; prediction needs no merge, and small pieces keep
@@ -147,8 +151,8 @@ def _predict_piece(block, fitted: FittedModels, spec: _Pass) -> _Piece:
 
         out = np.empty(_interior(block, spec.radius).shape[:3] + (block.shape[-1],),
                        dtype=spec.dtype, order=rows_order(block))
-        predict_block(block, spec.radius, fitted.plan, out=out, dtype=fitted.calc_dtype,
-                      offset=spec.shift, transform=transform if steps else None)
+        predict_block(block, spec.radius, fitted.plan.shifted(spec.shift), out=out,
+                      dtype=fitted.calc_dtype, transform=transform if steps else None)
         return _Piece(out, None if running is None else running.value)
 
 
@@ -174,16 +178,31 @@ def _predict_pass(executor, pieces: da.Array, target, fitted, spec: _Pass):
     return lowest
 
 
-def _fit(executor, arr: da.Array, spec: DenoiseSpec, check_finite: bool) -> FittedModels:
-    """Pass 1 on ``executor``, then the solve (here)."""
+def _fit(executor, arr: da.Array, spec: DenoiseSpec, check_finite: bool):
+    """Pass 1 on ``executor``, then the solve (here); with a radius or
+    penalty left to the data, the choice between them (see :mod:`.auto`).
+
+    Returns
+    -------
+    (FittedModels, DenoiseSpec)
+        The models and the spec they were fitted with (the chosen radius,
+        model and alpha).
+    """
     radius = spec.radius
     lanes = in_memory_sizes(arr.shape, radius)[1]
-    graph = summarize(arr, spec.groups, radius, spec.mask, check_finite, lanes=lanes)
-    # with a patch, no more threads than lanes (see run.passes.statistics)
-    summary = executor.compute(graph, threads=lanes if any(radius) else None)
+    if spec.auto is not None:
+        total, record = choose_in_memory(executor, arr, spec, check_finite, lanes)
+        logger.info("%s", choice_line(record))
+        chosen, model, alpha = fitted_setting(record, spec.alpha)
+        summary = Summary(chosen_stats(total.stats, radius, chosen), total.minima)
+        spec = replace(spec, radius=chosen, model=model, alpha=alpha, auto=None)
+    else:
+        graph = summarize(arr, spec.groups, radius, spec.mask, check_finite, lanes=lanes)
+        # with a patch, no more threads than lanes (see run.passes.statistics)
+        summary = executor.compute(graph, threads=lanes if any(radius) else None)
     # the summary came back to this process and is read by nothing else
-    return fit_models(summary, spec.groups, radius, spec.model, spec.alpha,
-                      spec.calc_dtype, spend=True)
+    return fit_models(summary, spec.groups, spec.radius, spec.model, spec.alpha,
+                      spec.calc_dtype, spend=True), spec
 
 
 def _predict(executor, pieces: da.Array, target, fitted, spec: DenoiseSpec):
@@ -238,11 +257,14 @@ def denoise_into(data: np.ndarray, target: np.ndarray, spec: DenoiseSpec, *, chu
     """
     if isinstance(data, da.Array) or target.shape != data.shape:
         raise TypeError("denoise_into takes a NumPy array and a target of its shape")
+    if chunks is None and spec.auto is not None:
+        # blocks thin enough along z to deal into folds
+        chunks = in_memory_sizes(data.shape, spec.radius, folds=spec.auto.n_folds)[0][:3]
     stats_chunks = as_chunked(data, chunks, spec.radius).chunks
     order = block_order(data)
     executor = executor or current_executor()
     with executor.blocks_of(data, stats_chunks, order) as blocks:
-        fitted = _fit(executor, blocks.array(stats_chunks), spec, check_finite)
+        fitted, spec = _fit(executor, blocks.array(stats_chunks), spec, check_finite)
         pieces = blocks.array(prediction_chunks(stats_chunks, spec.radius, order))
         lowest = _predict(executor, pieces, target, fitted, spec)
     if lowest is not None:

@@ -3,8 +3,10 @@
 :func:`execute` runs a :class:`~p2s_dask.planning.plan.Plan` on an executor:
 it iterates the plan's passes in their order and hands each to its function
 (:data:`PASSES`, by name): stage or read the input, compute (or reload) the
-statistics, solve, compute (or reload) the prediction's range, predict every
-chunk not yet done into the sink, commit the sink. Nothing here decides what
+statistics, with a radius or penalty left to the data choose them (the
+crossval pass, see :mod:`.auto`), solve, compute (or reload) the prediction's
+range, predict every chunk not yet done into the sink, commit the sink.
+Nothing here decides what
 the plan decides (modes, chunks, lanes, thread caps, memory, which passes):
 each function reads it from the plan or its :class:`Pass`. The Dask graphs
 come from :mod:`.engine`, the storage from :mod:`.io` and :mod:`.sinks`.
@@ -13,10 +15,11 @@ come from :mod:`.engine`, the storage from :mod:`.io` and :mod:`.sinks`.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import dask
 import numpy as np
@@ -39,6 +42,7 @@ from ..planning.paths import QC_NOISE
 from ..report import results as qc_results, write_noise_map
 from ..report import summaries as qc_summaries
 from ..config.validate import describe_nonfinite
+from . import auto
 from .provenance import result_fingerprint
 from .workstore import stats_from_arrays, stats_to_arrays
 
@@ -108,7 +112,8 @@ def provenance(run, qc=None) -> dict:
     """The output's ``.json`` sidecar: the input's fields, then what made it
     (BIDS derivative ``Sources`` and ``Description``, our version and options)
     and, from a run's QC report (``qc``, a QcResult), the volumes it flagged
-    (``FlaggedVolumes``, 0-based)."""
+    (``FlaggedVolumes``, 0-based); with a radius or penalty left to the data,
+    the choice and its table of held-out errors (``CrossValidation``)."""
     options = run.opts.result_fields()
     options.update(out_dtype=str(run.out_dtype), calc_dtype=str(run.calc_dtype))
     if run.mask is not None:
@@ -116,6 +121,8 @@ def provenance(run, qc=None) -> dict:
     ours = {"Version": __version__, "Options": options, "Fingerprint": result_fingerprint(run)}
     if qc is not None:
         ours["FlaggedVolumes"] = qc.flagged_volumes
+    if run.cross_validation is not None:
+        ours["CrossValidation"] = auto.sidecar_record(run.cross_validation)
     return {**(run.sidecar or {}),
             "Sources": list(run.opts.sources or [str(run.inp)]),
             "Description": "Denoised with Patch2Self (p2s-dask, exact regression from "
@@ -261,13 +268,16 @@ def statistics_pass(state: Execution, step: Pass) -> None:
         stats, lowest = stats_from_arrays(saved)
         state.summary = engine.Summary(stats, lowest)
         return
-    graph = engine.summarize(_blocks(state), run.groups, run.radius, run.mask,
-                             lanes=step.lanes)
-    with _errors("computing the statistics"):
-        # the plan's cap: with a patch no more threads than lanes (see
-        # planning.plan.plan_passes)
-        summary = state.executor.compute(graph, "statistics", run.opts.progress,
-                                         threads=step.threads)
+    if state.plan.folds:
+        summary = _fold_statistics(state, step)
+    else:
+        graph = engine.summarize(_blocks(state), run.groups, run.radius, run.mask,
+                                 lanes=step.lanes)
+        with _errors("computing the statistics"):
+            # the plan's cap: with a patch no more threads than lanes (see
+            # planning.plan.plan_passes)
+            summary = state.executor.compute(graph, "statistics", run.opts.progress,
+                                             threads=step.threads)
     if summary.nonfinite:
         raise DataError(describe_nonfinite(summary.nonfinite, summary.first_nonfinite))
     for group, st in zip(run.groups, summary.stats):
@@ -278,13 +288,68 @@ def statistics_pass(state: Execution, step: Pass) -> None:
     state.summary = summary
 
 
+def _fold_statistics(state: Execution, step: Pass):
+    """The statistics fold by fold (whole blocks, see :mod:`.auto`), each
+    computed as the statistics of a run over its blocks, saved in the work
+    store as it comes (a rerun reuses the folds done; the crossval pass
+    reads them back) and merged here into the total (returned)."""
+    run, work, plan = state.run, state.work, state.plan
+    labels = auto.fold_labels(tuple(len(g) for g in plan.grid), plan.folds)
+    graphs = engine.fold_summaries(_blocks(state), run.groups, run.radius, run.mask, labels,
+                                   lanes=step.lanes)
+    total, reused = None, 0
+    for k, graph in enumerate(graphs):
+        saved = work.load_arrays(f"fold{k}.npz")
+        if saved is not None:
+            reused += 1
+            part = engine.Summary(*stats_from_arrays(saved))
+        else:
+            with _errors("computing the statistics"):
+                part = state.executor.compute(graph, f"statistics (fold {k + 1} of "
+                                              f"{len(graphs)})", run.opts.progress,
+                                              threads=step.threads)
+            if part.nonfinite:
+                return part  # reported by the caller
+            work.save_arrays(f"fold{k}.npz", **stats_to_arrays(part.stats, part.minima))
+        total = auto.add_fold(total, part)
+    if reused:
+        state.report.resumed.append(f"statistics of {reused} of {len(graphs)} folds")
+    return total
+
+
+def crossval_pass(state: Execution, step: Pass) -> None:
+    """The choice of the radius, model and penalty (see :mod:`.auto`):
+    every candidate scored from the total and the folds (read back from the
+    work store one at a time), the choice saved (or reloaded); the passes
+    after it see the chosen setting, fitted from the total's sub-block."""
+    run, work = state.run, state.work
+    if work.has("crossval.json"):
+        state.report.resumed.append("cross-validation")
+        record = json.loads(work.read_bytes("crossval.json"))
+    else:
+        def fold_of(k, i):
+            return stats_from_arrays(work.load_arrays(f"fold{k}.npz"))[0][i]
+
+        record = auto.decide(run.auto, state.summary.stats, fold_of, run.groups,
+                             state.plan.folds)
+        work.write_bytes("crossval.json", json.dumps(record).encode())
+    logger.info("%s", auto.choice_line(record))
+    radius, model, alpha = auto.fitted_setting(record, run.alpha)
+    state.summary = engine.Summary(auto.chosen_stats(state.summary.stats, run.radius, radius),
+                                   state.summary.minima)
+    state.run = replace(run, radius=radius, model=model, alpha=alpha,
+                        cross_validation=record)
+    state.plan = replace(state.plan, radius=radius)
+    state.report.cross_validation = record
+
+
 def solve_pass(state: Execution, step: Pass) -> None:
     """Every group's regression from the statistics, in this process."""
     run = state.run
     # the summary is saved in the work store and read by nothing else: its
     # scatters are inverted in place
     state.fitted = engine.fit_models(state.summary, run.groups, run.radius, run.model,
-                                     run.opts.alpha, run.calc_dtype, spend=True)
+                                     run.alpha, run.calc_dtype, spend=True)
     state.summary = None
 
 
@@ -343,7 +408,7 @@ def predict_pass(state: Execution, step: Pass) -> None:
     # values are counted as they go
     post = state.post or Post(count_outside=np.issubdtype(run.out_dtype, np.integer))
     state.sink = make_sink(state, post.slope, sample_block(state))
-    spec = qc_spec(run) if QC_NOISE in run.qc else None
+    spec = qc_spec(run, state.plan.radius) if QC_NOISE in run.qc else None
     clipped, parts = predict(state, post, step, spec)
     if spec is not None:
         state.report.qc = qc_results.finish(parts, spec, run.bvals, run.groups)
@@ -533,10 +598,11 @@ def _write_tasks(state: Execution, post: Post, done, spec=None):
 QC_FOLDER = "qc"
 
 
-def qc_spec(run):
-    """What the prediction's tasks summarise of their residuals."""
+def qc_spec(run, radius):
+    """What the prediction's tasks summarise of their residuals (the
+    interior of blocks with a ``radius`` halo: the plan's)."""
     return qc_summaries.make_spec(run.shape, run.bvals, run.groups, run.opts.b0_threshold,
-                                  run.radius)
+                                  radius)
 
 
 def _merge_results(*items):
@@ -577,5 +643,6 @@ def _with_saved(parts, work, done):
 
 
 # each pass of a plan, by name
-PASSES = {"input": input_pass, "statistics": statistics_pass, "solve": solve_pass,
-          "minima": minima_pass, "predict": predict_pass, "output": output_pass}
+PASSES = {"input": input_pass, "statistics": statistics_pass, "crossval": crossval_pass,
+          "solve": solve_pass, "minima": minima_pass, "predict": predict_pass,
+          "output": output_pass}

@@ -39,7 +39,7 @@ from ..io.urls import exists, is_local, join
 from ..io.sidecars import read_json_sidecar, sidecar_urls
 from ..io.zarr_store import store_state
 from .memory import PeakMemory
-from ..config.options import Options, check_run_options
+from ..config.options import Options, check_run_options, is_auto
 from ..planning.plan import Data, Endpoint, Settings, Workers, make_plan
 from .passes import execute
 from ..planning.checker import check
@@ -47,8 +47,8 @@ from ..planning.manifest import canonical
 from ..planning.paths import QC_SECTION, qc_targets, run_manifest, work_url
 from .lock import output_lock
 from .threads import single_threaded_blas
-from ..config.validate import (check_bvals, check_fit_voxels, check_options, check_precision,
-                               check_shape)
+from ..config.validate import (auto_settings, check_bvals, check_fit_voxels, check_options,
+                               check_precision, check_shape)
 from .workstore import WorkStore, content_hash, fingerprint
 
 logger = logging.getLogger("p2s_dask")
@@ -73,6 +73,9 @@ class Report:
     input: str = ""
     options: dict = field(default_factory=dict)
     qc: object = None
+    # a radius or penalty left to the data: the choice and its table of
+    # held-out errors (p2s_dask.run.auto.decide)
+    cross_validation: dict | None = None
 
     @property
     def voxels_per_second(self) -> float:
@@ -86,6 +89,8 @@ class Report:
                    version=__version__, options=self.options)
         if self.qc is not None:
             out["qc"] = self.qc.as_json()
+        if self.cross_validation is not None:
+            out["cross_validation"] = self.cross_validation
         return out
 
     def summary_line(self) -> str:
@@ -124,6 +129,12 @@ class Run:
     # the QC report's files this run writes ({manifest role: Write}); a run
     # whose manifest gives it a noise map summarises its residuals
     qc: dict = field(default_factory=dict)
+    # ridge's and lasso's penalty (a number; 'auto' until chosen)
+    alpha: object = 1.0
+    # what is left to the data (AutoSettings; radius is then the largest
+    # scored) and, once chosen, the choice (see p2s_dask.run.auto)
+    auto: object = None
+    cross_validation: dict | None = None
 
 
 def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = None,
@@ -225,7 +236,8 @@ def checked_options(opts):
     budget = parse_memory_limit(opts.memory_limit)
     radius, model, out_dtype = check_options(
         patch_radius=opts.patch_radius, model=opts.model, alpha=opts.alpha,
-        version=opts.version, out_dtype=opts.out_dtype)
+        version=opts.version, out_dtype=opts.out_dtype,
+        max_patch_radius=opts.max_patch_radius)
     check_precision(opts.precision, None, None)
     return budget, radius, model, out_dtype
 
@@ -253,7 +265,10 @@ def describe_run(inp, out, bvals, bvecs, opts: Options) -> Run:
     groups = make_groups(bvals, shape[3], b0_threshold=opts.b0_threshold,
                          b0_denoising=opts.b0_denoising, groups=labels)
     mask = _load_mask(opts.mask, shape, opts.storage_options, meta.affine)
-    check_fit_voxels(groups, mask, shape, radius, model, opts.alpha)
+    auto = auto_settings(opts.patch_radius, model, opts.alpha, opts.max_patch_radius)
+    # 'auto': what the smallest candidate risks (the choice avoids the rest)
+    check_fit_voxels(groups, mask, shape, radius if auto is None else auto.radii[0], model,
+                     1.0 if is_auto(opts.alpha) else opts.alpha)
     # scaled integer input comes back as its integer type with a fitted
     # scl_slope (as nibabel writes it), unless --out-dtype says otherwise
     fit_scale = out_dtype is None and meta.scaled and np.issubdtype(meta.raw_dtype, np.integer)
@@ -263,7 +278,7 @@ def describe_run(inp, out, bvals, bvecs, opts: Options) -> Run:
     shift, clip = resolve_postprocess(opts.shift_intensity, opts.clip_negative_vals)
     return Run(inp, out, in_kind, out_kind, shape, meta, bvals, bvecs, groups, mask, radius,
                model, np.dtype(out_dtype), calc_dtype, shift, clip, budget, wurl, opts,
-               stored_chunks, sidecar, fit_scale)
+               stored_chunks, sidecar, fit_scale, alpha=opts.alpha, auto=auto)
 
 
 def _require_input(inp, storage_options):
@@ -312,7 +327,8 @@ def plan_for(run: Run, executor):
                       bool(executor.is_local))
     # the minima pass gives the range that the shift and a fitted slope need
     settings = Settings(run.radius, bool(run.shift or run.fit_scale), run.opts.chunks,
-                        is_local(run.work_url), run.budget)
+                        is_local(run.work_url), run.budget,
+                        folds=run.auto.n_folds if run.auto is not None else 0)
     return make_plan(data, Endpoint(run.in_kind, str(run.inp), is_local(run.inp)),
                      Endpoint(run.out_kind, str(run.out), is_local(run.out)), workers,
                      settings)
@@ -453,6 +469,18 @@ def _load_mask(mask, shape, storage_options, affine=None):
     return arr
 
 
+def _radius_words(run: Run) -> str:
+    if run.auto is None or not run.auto.radius_auto:
+        return str(list(run.radius))
+    return f"auto (0 up to {list(run.radius)}, chosen by cross-validation)"
+
+
+def _alpha_words(run: Run) -> str:
+    if run.auto is not None and run.auto.alpha is None:
+        return " (alpha auto: chosen by cross-validation)"
+    return ""
+
+
 def dry_run_lines(inp, out, opts: Options, bvals=None, bvecs=None) -> list:
     """What ``--dry-run`` prints for one run: the data and the plan the run
     would make on this executor (opened for the workers' budgets: a
@@ -464,8 +492,8 @@ def dry_run_lines(inp, out, opts: Options, bvals=None, bvecs=None) -> list:
                  f"{ex.memory_per_worker / 2**30:.2f} GiB each")
     head = [f"run: {inp} -> {out}",
             f"  data: {'x'.join(map(str, run.shape))} {run.meta.raw_dtype}"
-            f"{' (scaled)' if run.meta.scaled else ''}, radius {list(run.radius)}, "
-            f"model {run.model}, output {run.out_dtype}",
+            f"{' (scaled)' if run.meta.scaled else ''}, radius {_radius_words(run)}, "
+            f"model {run.model}{_alpha_words(run)}, output {run.out_dtype}",
             "  groups: " + ", ".join(f"{g.name} ({len(g.indices)} volumes"
                                       f"{'' if g.denoise else ', passed through'})"
                                       for g in run.groups),
