@@ -666,23 +666,33 @@ def _post(clip, scale, counter):
     return transform
 
 
-def predict_chunk(block, fitted: FittedModels, radius, shift, clip, dtype, out=None,
-                  scale=None, counter=None):
+@dataclass(frozen=True)
+class Cast:
+    """How predicted values become the output's: clipped at 0 (``clip``),
+    multiplied by ``scale`` (1 / scl_slope of a scaled integer output),
+    cast to ``dtype``."""
+
+    dtype: object
+    clip: bool = False
+    scale: float | None = None
+
+
+def predict_chunk(block, fitted: FittedModels, radius, shift, cast: Cast, out=None,
+                  counter=None):
     """Denoised, shifted, clipped and cast values of one block's interior
-    (into ``out`` when given: an array of the interior's shape and ``dtype``,
-    in the block's layout). ``scale`` multiplies the values before the cast
-    (1 / scl_slope of a scaled integer output); ``counter`` (an
-    :class:`Outside`) counts values the cast clips."""
+    (into ``out`` when given: an array of the interior's shape and the
+    cast's dtype, in the block's layout); ``counter`` (an :class:`Outside`)
+    counts values the cast clips."""
     block = aligned(block)  # see aligned()
     if out is None:
         out = np.empty(_interior(block, radius).shape[:3] + (block.shape[-1],),
-                       dtype=dtype, order=rows_order(block))
+                       dtype=cast.dtype, order=rows_order(block))
     # the shift rides along with the intercept; the cast happens as values
     # are stored
     with OneBlasThread():
         return predict_block(block, radius, fitted.plan.shifted(shift),
-                             dtype=fitted.calc_dtype, transform=_post(clip, scale, counter),
-                             out=out)
+                             dtype=fitted.calc_dtype,
+                             transform=_post(cast.clip, cast.scale, counter), out=out)
 
 
 def _one_key(obj):
@@ -727,7 +737,7 @@ def predict(arr: da.Array, fitted, radius, shift=None, clip=False,
     halo = with_halo(arr, radius)
     dtype = np.dtype(out_dtype)
     return da.map_blocks(predict_chunk, halo, _one_key(fitted), radius, _one_key(shift),
-                         clip, dtype,
+                         Cast(dtype, clip),
                          dtype=dtype, chunks=arr.chunks,
                          meta=np.empty((0, 0, 0, 0), dtype=dtype))
 

@@ -554,8 +554,9 @@ def _write_chunk(block, region, how: _Prediction, sink, work, key):
     post = how.post
     counter = engine.Outside(how.dtype) if post.count_outside else None
     scale = None if post.slope == 1.0 else 1.0 / post.slope
-    out = engine.predict_chunk(block, how.fitted, how.radius, post.shift, how.clip, how.dtype,
-                               out=buffer, scale=scale, counter=counter)
+    out = engine.predict_chunk(block, how.fitted, how.radius, post.shift,
+                               engine.Cast(how.dtype, how.clip, scale), out=buffer,
+                               counter=counter)
     clipped = 0 if counter is None else counter.count
     parts = None
     if how.qc is not None:
