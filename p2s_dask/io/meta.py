@@ -196,17 +196,9 @@ class DwiMeta:
         if slope is None:
             slope, inter = 1.0, 0.0
         bvals, bvecs = _gradients(bvals, bvecs, shape[3])
-        return cls(
-            header=bytes(hdr.binaryblock),
-            extra=bytes(extra),
-            affine=np.asarray(hdr.get_best_affine(), dtype=np.float64),
-            shape=shape,
-            raw_dtype=raw_dtype,
-            slope=float(slope),
-            inter=float(inter),
-            bvals=bvals,
-            bvecs=bvecs,
-        )
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+        return cls(bytes(hdr.binaryblock), bytes(extra), affine, shape, raw_dtype,
+                   float(slope), float(inter), bvals, bvecs)
 
     @classmethod
     def for_array(cls, shape, dtype, affine=None, bvals=None, bvecs=None):
@@ -269,16 +261,9 @@ class DwiMeta:
             hdr.set_data_shape(shape)
         hdr.set_slope_inter(float(slope), float(inter))
         bvals, bvecs = (self.bvals, self.bvecs) if shape[3] == self.shape[3] else (None, None)
-        return dataclasses.replace(
-            self,
-            header=bytes(hdr.binaryblock),
-            shape=shape,
-            raw_dtype=dtype,
-            slope=float(slope),
-            inter=float(inter),
-            bvals=bvals,
-            bvecs=bvecs,
-        )
+        return dataclasses.replace(self, header=bytes(hdr.binaryblock), shape=shape,
+                                   raw_dtype=dtype, slope=float(slope), inter=float(inter),
+                                   bvals=bvals, bvecs=bvecs)
 
     def with_gradients(self, bvals=None, bvecs=None) -> DwiMeta:
         """A copy with these b-values/vectors (checked against the volume count)."""
