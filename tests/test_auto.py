@@ -233,6 +233,35 @@ def test_a_killed_auto_run_resumes_its_folds_and_choice(files, tmp_path, capsys,
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
 
 
+def test_an_interrupted_statistics_pass_keeps_the_folds_done(files, tmp_path):
+    """Ctrl-C between two folds: the rerun computes only the folds not done
+    and gives the output of a run that was never stopped."""
+    from p2s_dask.run.pipeline import denoise_file
+    options = dict(bvals=phantom("few")["bvals"], patch_radius="auto", version=1,
+                   chunks=(32, 32, 3), progress=False, memory_limit="256MiB",
+                   mask=str(files / "mask.nii.gz"), out_dtype="float64",
+                   precision="float64", shift_intensity=False)
+    clean = denoise_file(files / "dwi.nii.gz", tmp_path / "clean.nii", **options)
+
+    class Stopping(type(recording_executor(2, 256 << 20))):
+        def compute(self, collection, desc="", progress=False, threads=None):
+            if desc.startswith("statistics (fold 3"):
+                raise KeyboardInterrupt
+            return super().compute(collection, desc, progress, threads)
+
+    out = tmp_path / "o.nii"
+    with pytest.raises(KeyboardInterrupt):
+        denoise_file(files / "dwi.nii.gz", out, executor=Stopping(), **options)
+    again = recording_executor(2, 256 << 20)
+    report = denoise_file(files / "dwi.nii.gz", out, executor=again, **options)
+    assert report.resumed == ["statistics of 2 of 5 folds"]
+    assert [c[0] for c in again.calls if c[0].startswith("statistics")] == [
+        f"statistics (fold {k} of 5)" for k in (3, 4, 5)]
+    assert report.cross_validation["setting"] == clean.cross_validation["setting"]
+    got, ref = (np.asanyarray(nib.load(str(p)).dataobj) for p in (out, tmp_path / "clean.nii"))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-9 * np.abs(ref).max())
+
+
 # -- plan, options, validation -------------------------------------------------------
 
 def test_plan_deals_whole_blocks_into_folds():

@@ -302,7 +302,8 @@ def _fold_statistics(state: Execution, step: Pass):
         saved = work.load_arrays(f"fold{k}.npz")
         if saved is not None:
             reused += 1
-            part = engine.Summary(*stats_from_arrays(saved))
+            part = engine.Summary([_fold_group(work, k, i) for i in range(len(run.groups))],
+                                  saved["minima"])
         else:
             with _errors("computing the statistics"):
                 part = state.executor.compute(graph, f"statistics (fold {k + 1} of "
@@ -310,11 +311,24 @@ def _fold_statistics(state: Execution, step: Pass):
                                               threads=step.threads)
             if part.nonfinite:
                 return part  # reported by the caller
-            work.save_arrays(f"fold{k}.npz", **stats_to_arrays(part.stats, part.minima))
+            _save_fold(work, k, part)
         total = auto.add_fold(total, part)
     if reused:
         state.report.resumed.append(f"statistics of {reused} of {len(graphs)} folds")
     return total
+
+
+def _save_fold(work, k, part) -> None:
+    """Fold ``k``'s statistics, a file per group (the scoring reads one
+    group's at a time), then its minima: the fold's mark of completion."""
+    for i, st in enumerate(part.stats):
+        work.save_arrays(f"fold{k}-{i}.npz", **stats_to_arrays([st], part.minima))
+    work.save_arrays(f"fold{k}.npz", minima=part.minima)
+
+
+def _fold_group(work, k, i):
+    """Group ``i``'s statistics of fold ``k``, read back."""
+    return stats_from_arrays(work.load_arrays(f"fold{k}-{i}.npz"))[0][0]
 
 
 def crossval_pass(state: Execution, step: Pass) -> None:
@@ -327,10 +341,8 @@ def crossval_pass(state: Execution, step: Pass) -> None:
         state.report.resumed.append("cross-validation")
         record = json.loads(work.read_bytes("crossval.json"))
     else:
-        def fold_of(k, i):
-            return stats_from_arrays(work.load_arrays(f"fold{k}.npz"))[0][i]
-
-        record = auto.decide(run.auto, state.summary.stats, fold_of, run.groups,
+        record = auto.decide(run.auto, state.summary.stats,
+                             lambda k, i: _fold_group(work, k, i), run.groups,
                              state.plan.folds)
         work.write_bytes("crossval.json", json.dumps(record).encode())
     logger.info("%s", auto.choice_line(record))
