@@ -137,7 +137,9 @@ def test_same_memory_message_from_denoise_convert_and_api(tmp_path, dwi, capsys,
 def test_floor_is_the_least_workable_budget():
     assert parse_memory_limit(MIN_MEMORY_LIMIT) == MIN_MEMORY_LIMIT
     assert parse_memory_limit("2GiB") == 2 << 30
-    for bad in (MIN_MEMORY_LIMIT - 1, "63MiB", -1, True, float("nan"), "", None):
+    # None and "auto" are the default: half of what the machine gives
+    assert parse_memory_limit(None) == parse_memory_limit("auto") >= MIN_MEMORY_LIMIT
+    for bad in (MIN_MEMORY_LIMIT - 1, "63MiB", -1, True, float("nan"), ""):
         with pytest.raises(InputError):
             parse_memory_limit(bad)
     with front("cli"), pytest.raises(InputError, match=r"^--memory-limit 63MiB is below"):
