@@ -116,6 +116,7 @@ def remove(path: Path) -> None:
 
 def denoise(src: Path, out: Path, report: Path, extra, env) -> dict:
     remove(out)
+    report.unlink(missing_ok=True)  # the command never replaces a file without --overwrite
     wall, cpu = cli("denoise", src, out, "--quiet", "--report-json", report, *extra, env=env)
     got = json.loads(report.read_text())
     stages = {k: float(got["stages"].get(k, 0.0)) for k in STAGES}

@@ -216,13 +216,17 @@ def block_qc(block, out, origin, spec: QcSpec, slope=1.0) -> QcParts:
     sample = _sample_positions(spec, origin, inner.shape)
     parts = QcParts(int(origin[2]), np.zeros((n, cz)), np.full(cz, cx * cy, np.int64))
     noise = np.empty((cx, cy, cz), np.float32)
+    how = (sample, weights, np.asarray(spec.sampled, np.int64), slope)
+    volume_major = inner.strides[3] > inner.strides[0]
     # strips of a slice, all volumes: a bounded float64 copy in either layout
     step = max(1, STRIP_BYTES // (cy * n * 8))
-    how = (sample, weights, np.asarray(spec.sampled, np.int64), slope)
     for z in range(cz):
-        for x0 in range(0, cx, step):
-            strip = (slice(x0, min(cx, x0 + step)), slice(None), z)
-            _strip(parts, noise, (inner[strip], out[strip]), (z, x0, cx), how)
+        if volume_major:  # whole planes, a few volumes at a time: contiguous reads
+            _plane(parts, noise, (inner, out), z, how)
+        else:
+            for x0 in range(0, cx, step):
+                strip = (slice(x0, min(cx, x0 + step)), slice(None), z)
+                _strip(parts, noise, (inner[strip], out[strip]), (z, x0, cx), how)
         _mosaic_pieces(parts, inner, out, origin, z, spec, slope)
     parts.noise.append((tuple(int(o) for o in origin), noise))
     return parts
@@ -246,6 +250,29 @@ def _strip(parts, noise, values, where, how):
     if hi > lo:
         picked = sampled[which[lo:hi]]
         parts.sample.append(r[xs[lo:hi] - x0, ys[lo:hi], picked].astype(np.float32))
+
+
+def _plane(parts, noise, values, z, how):
+    """Slice ``z`` of a volume-major block: its (x, y) planes, a few volumes
+    at a time (each plane is contiguous there, where a strip along x of all
+    volumes would read a few values per cache line)."""
+    (inp, out), (sample, weights, sampled, slope) = values, how
+    cx, cy, _, n = inp.shape
+    step = max(1, STRIP_BYTES // (cx * cy * 8))
+    acc = np.zeros(cx * cy)
+    for v0 in range(0, n, step):
+        v1 = min(n, v0 + step)
+        r = _slice_residuals(inp[:, :, z, v0:v1], out[:, :, z, v0:v1], slope)
+        order = "F" if r.flags.f_contiguous else "C"
+        r2 = np.square(r.reshape(cx * cy, v1 - v0, order=order))
+        parts.sq[v0:v1, z] += r2.sum(axis=0)
+        acc += r2 @ weights[v0:v1]
+    noise[:, :, z] = np.sqrt(acc).reshape(cx, cy, order=order)
+    keys, (xs, ys, which) = sample
+    lo, hi = np.searchsorted(keys, [z * cx, (z + 1) * cx])
+    if hi > lo:
+        idx = (xs[lo:hi], ys[lo:hi], z, sampled[which[lo:hi]])
+        parts.sample.append(_slice_residuals(inp[idx], out[idx], slope).astype(np.float32))
 
 
 def _slice_residuals(inp, out, slope):
