@@ -273,30 +273,9 @@ def aligned(block: np.ndarray) -> np.ndarray:
     statistics of a volume-major float64 block changed in the last bits), so
     the same block would give other bits on a cluster than here.
     """
-    contiguous = block.flags.c_contiguous or block.flags.f_contiguous
-    if contiguous and block.ctypes.data % SIMD_ALIGNMENT == 0:
+    if block.flags.aligned:
         return block
-    if not contiguous:
-        return block if block.flags.aligned else block.copy(order="K")
-    return simd_aligned_copy(block)
-
-
-# the widest vector loads here (AVX-512): a contiguous block at an address
-# that is a multiple of this runs the same loops, in the same order,
-# wherever it came from (a network buffer, the heap after a thousand other
-# allocations, a fresh mmap)
-SIMD_ALIGNMENT = 64
-
-
-def simd_aligned_copy(block: np.ndarray) -> np.ndarray:
-    """A copy of a contiguous ``block`` in its layout, starting at an
-    address that is a multiple of :data:`SIMD_ALIGNMENT`."""
-    order = "C" if block.flags.c_contiguous else "F"
-    raw = np.empty(block.nbytes + SIMD_ALIGNMENT, np.uint8)
-    start = (-raw.ctypes.data) % SIMD_ALIGNMENT
-    out = raw[start:start + block.nbytes].view(block.dtype).reshape(block.shape, order=order)
-    np.copyto(out, block)
-    return out
+    return block.copy(order="K")
 
 
 def _summarize_block(block, mask, origin, spec: _StatsSpec) -> Summary:

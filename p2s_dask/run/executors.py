@@ -557,12 +557,7 @@ def contiguous(view, order: str):
     """
     import numpy as np
 
-    from ..graph.engine import SIMD_ALIGNMENT, simd_aligned_copy
-
-    block = np.require(view, requirements=[order, "ALIGNED"])
-    if block.ctypes.data % SIMD_ALIGNMENT:
-        block = simd_aligned_copy(block)
-    return block
+    return np.require(view, requirements=[order, "ALIGNED"])
 
 
 def _sub_block(parent, index, order: str):
