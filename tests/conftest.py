@@ -52,3 +52,27 @@ def write_small_dwi(folder, name="dwi.nii.gz"):
 def small_dwi(tmp_path_factory):
     """Path of a small scaled-int16 DWI NIfTI with .bval/.bvec siblings."""
     return write_small_dwi(tmp_path_factory.mktemp("small_dwi"))
+
+
+@pytest.fixture()
+def moto():
+    """A moto S3 server on 127.0.0.1 (stopped after the test) and a bucket
+    of this test's own (moto keeps its buckets across servers of one
+    process): ``(fs, storage_options, bucket)``."""
+    import uuid
+
+    import moto.server
+    import s3fs
+
+    server = moto.server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
+    fs = s3fs.S3FileSystem(**options)
+    bucket = f"p2s-test-{uuid.uuid4().hex[:8]}"
+    fs.mkdir(bucket)
+    try:
+        yield fs, options, bucket
+    finally:
+        server.stop()

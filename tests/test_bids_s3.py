@@ -2,37 +2,15 @@
 bucket (inside the dataset's prefix), gradients inherited, reruns skipped."""
 
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from p2s_dask.fronts.cli import main
 
 from test_bids import (RUNS, _data, _move_gradients, _out_path, _run_path, _stem,  # noqa: F401
                        dataset, expected_tree)
 
-
-
-@pytest.fixture()
-def moto():
-    """A moto server on 127.0.0.1 and a bucket of this test's own (moto
-    keeps its buckets across servers of one process)."""
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    fs = s3fs.S3FileSystem(**options)
-    bucket = f"p2s-bids-{uuid.uuid4().hex[:8]}"
-    fs.mkdir(bucket)
-    try:
-        yield fs, options, bucket
-    finally:
-        server.stop()
 
 
 def _upload(fs, root, bucket):

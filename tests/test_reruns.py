@@ -8,11 +8,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 
 from p2s_dask.fronts.cli import main
 
-from test_bids import RUNS, _stem, dataset, expected_tree, tree  # noqa: F401
+from test_bids import _stem, dataset, expected_tree  # noqa: F401  (fixture)
 from test_faults import write_dwi
 
 
@@ -141,40 +140,23 @@ def test_huge_group_labels_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "o.nii.gz").exists()
 
 
-@pytest.fixture()
-def moto(tmp_path):
-    moto_server = pytest.importorskip("moto.server")
-    s3fs = pytest.importorskip("s3fs")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    options = {"key": "testing", "secret": "testing",
-               "client_kwargs": {"endpoint_url": f"http://{host}:{port}"}}
-    fs = s3fs.S3FileSystem(**options)
-    fs.mkdir("p2s-reruns")
-    try:
-        yield fs, options
-    finally:
-        server.stop()
-
-
 def test_bids_derivatives_go_to_the_bucket(dataset, tmp_path, moto, capsys,  # noqa: F811
                                            monkeypatch):
-    fs, options = moto
+    fs, options, bucket = moto
     monkeypatch.chdir(tmp_path)
-    url = "s3://p2s-reruns/ds/derivatives/p2s"
+    url = f"s3://{bucket}/ds/derivatives/p2s"
     so = ["--storage-options", json.dumps(options)]
     assert _bids(dataset, url, *so) == 0
     assert "4 denoised" in _lines(capsys)[-1]
     assert not any(p.name.startswith("s3:") for p in tmp_path.iterdir())
     fs.invalidate_cache()
-    keys = {k.removeprefix("p2s-reruns/ds/derivatives/p2s/")
-            for k in fs.find("p2s-reruns/ds/derivatives/p2s")}
+    keys = {k.removeprefix(f"{bucket}/ds/derivatives/p2s/")
+            for k in fs.find(f"{bucket}/ds/derivatives/p2s")}
     assert keys == expected_tree(None)
     local = tmp_path / "local"
     assert _bids(dataset, local) == 0
     got = tmp_path / "got.nii.gz"
-    fs.get("p2s-reruns/ds/derivatives/p2s/" + str(_derivative("").relative_to("")),
+    fs.get(f"{bucket}/ds/derivatives/p2s/" + str(_derivative("").relative_to("")),
            str(got))
     np.testing.assert_array_equal(_data(got), _data(_derivative(local)))
     capsys.readouterr()
