@@ -11,6 +11,7 @@ import sys
 import warnings
 
 from ..errors import InputError
+from ..io.malloc import one_heap
 from .logs import attached
 
 def _ints(text, flag):
@@ -480,6 +481,9 @@ def _in_cli_words(exc: InputError) -> str:
 
 def main(argv=None) -> int:
     """Entry point of the ``p2s-dask`` console script."""
+    # before any task thread exists: the memory budget holds only if
+    # every thread's freed blocks are reusable by the others
+    one_heap()
     # users of the command want the warning, not the line of our code
     warnings.formatwarning = _one_line_warning
     # a failed storage request can leave background tasks of the storage
