@@ -345,11 +345,11 @@ def test_running_decides_nothing_the_plan_decides():
 def block_tasks(collection) -> int:
     """Tasks in a Dask collection (or list of them) that work on one block:
     the statistics of a block, a lane's step over one, a block's prediction
-    range or minima, a block predicted and written."""
+    range or minima (kept or not), a block predicted and written."""
     from p2s_dask.graph import engine
     from p2s_dask.run import passes
     per_block = {engine._summarize_block, engine._lane_step, engine._predict_min_chunk,
-                 engine._predict_range_chunk, passes._write_chunk}
+                 engine._predict_range_chunk, passes._keep_task, passes._write_chunk}
     items = collection if isinstance(collection, (list, tuple)) else [collection]
     graph = {}
     for item in items:

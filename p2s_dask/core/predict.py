@@ -46,7 +46,9 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
     shape = interior_shape(block.shape, radius)
     n_out = model.n_volumes
     dtype = np.dtype(dtype)
-    constant = np.asarray(model.intercept, np.float64).astype(dtype)
+    # a model without intercept (its products only) adds nothing
+    constant = np.zeros(0, dtype) if model.intercept is None else \
+        np.asarray(model.intercept, np.float64).astype(dtype)
     if out is None:
         out = np.empty(shape + (n_out,), dtype=dtype, order=rows_order(block))
     if not any(radius):
@@ -54,19 +56,61 @@ def predict_block(block: np.ndarray, radius, model: LinearModel, out=None,
         out_rows, out_order = voxel_rows(out)
         if rows is not None and out_order == order:
             for j, y in _row_products(rows, order, model, max_bytes, dtype):
-                y += constant
+                if constant.size:
+                    y += constant
                 values = transform(y) if transform is not None else y
                 if out_rows is not None:
                     cast_into(values, out_rows[j:j + y.shape[0]])
             return out
     for box, acc in _patch_products(block, radius, model, shape, max_bytes, dtype):
-        acc += constant
+        if constant.size:
+            acc += constant
         if transform is not None:
             acc = transform(acc)
         if out is not None:
             (x0, x1), (y0, y1), (z0, z1) = box
             cast_into(acc.reshape(x1 - x0, y1 - y0, z1 - z0, n_out),
                       out[x0:x1, y0:y1, z0:z1])
+    return out
+
+
+def finish_products(products: np.ndarray, model: LinearModel, out=None, transform=None,
+                    max_bytes: int = 4 * 2**20) -> np.ndarray:
+    """What :func:`predict_block` gives, from the products it gave for the
+    model's :meth:`~.solve.LinearModel.products_only` (e.g. kept on disk by
+    an earlier pass), bit for bit.
+
+    The intercept, the ``transform`` and the cast act value by value (IEEE
+    additions and products are exact functions of their operands), so
+    applying them to z-slabs of the kept products gives the same bits as
+    applying them to the pieces the products were computed in.
+
+    Parameters
+    ----------
+    products : ndarray (bx, by, bz, n_out)
+        In the prediction's arithmetic (its dtype).
+    model : LinearModel
+        Only its intercept is used (shifted as for :func:`predict_block`).
+    out, transform, max_bytes
+        As :func:`predict_block`.
+
+    Returns
+    -------
+    ndarray (bx, by, bz, n_out)
+    """
+    dtype = products.dtype
+    constant = np.asarray(model.intercept, np.float64).astype(dtype)
+    if out is None:
+        out = np.empty(products.shape, dtype=dtype, order=rows_order(products))
+    bx, by, bz, n_out = products.shape
+    plane = max(1, bx * by * n_out * dtype.itemsize)
+    step = max(1, int(max_bytes) // plane)
+    for z0 in range(0, bz, step):
+        piece = np.array(products[:, :, z0:z0 + step], dtype=dtype)
+        piece += constant
+        if transform is not None:
+            piece = transform(piece)
+        cast_into(piece, out[:, :, z0:z0 + step])
     return out
 
 

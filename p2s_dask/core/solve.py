@@ -59,7 +59,8 @@ class LinearModel:
     ----------
     weights : ndarray, shape (m * P, m)
         Column ``v`` holds volume ``v``'s coefficients, zero on its own rows.
-    intercept : ndarray, shape (m,)
+    intercept : ndarray, shape (m,), or None
+        None: the products alone (:meth:`products_only`).
     patch_size : int
         ``P``, the number of patch offsets.
     """
@@ -80,6 +81,12 @@ class LinearModel:
             return self
         intercept = np.asarray(self.intercept, np.float64) + np.asarray(offset, np.float64)
         return LinearModel(self.weights, intercept, self.patch_size)
+
+    def products_only(self) -> "LinearModel":
+        """The model without intercept: a prediction adds nothing to its
+        products (not even zeros: ``-0 + 0`` is ``+0``), so that the
+        intercept added later gives the same bits as adding it at once."""
+        return LinearModel(self.weights, None, self.patch_size)
 
 
 @dataclass(frozen=True)

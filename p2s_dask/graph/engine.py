@@ -35,7 +35,7 @@ from ..core.lagparts import LagParts
 from ..core.lagstats import lag_block_stats, lags_pay_off
 from ..core.layout import rows_order, voxel_rows
 from ..core.postprocess import intensity_shift
-from ..core.predict import combine
+from ..core.predict import combine, finish_products
 from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.predict import prediction_range as block_prediction_range
 from ..planning.chunking import chunk_policy, patch_lanes
@@ -693,6 +693,31 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, cast: Cast, out=No
         return predict_block(block, radius, fitted.plan.shifted(shift),
                              dtype=fitted.calc_dtype,
                              transform=_post(cast.clip, cast.scale, counter), out=out)
+
+
+def kept_prediction_range(block, fitted: FittedModels, radius, keep) -> np.ndarray:
+    """Per-volume ``(minimum, maximum)``, shape ``(2, n)``, of the unshifted
+    prediction of one block, as the minima pass computes them, from one
+    prediction whose products (before the intercept) go to ``keep`` for
+    :func:`finish_chunk` (the prediction pass then computes none)."""
+    block = aligned(block)
+    with OneBlasThread():
+        products = predict_block(block, radius, fitted.plan.products_only(),
+                                 dtype=fitted.calc_dtype)
+    keep(products)
+    # as core.predict.prediction_range: the intercept once per volume
+    intercept = np.asarray(fitted.plan.intercept, np.float64).astype(products.dtype)
+    lowest, highest = products.min(axis=(0, 1, 2)), products.max(axis=(0, 1, 2))
+    return np.stack([lowest + intercept, highest + intercept]).astype(np.float64)
+
+
+def finish_chunk(products, fitted: FittedModels, shift, cast: Cast, out=None, counter=None):
+    """What :func:`predict_chunk` gives for a block, from the products that
+    :func:`kept_prediction_range` kept of it: the same bits."""
+    if out is None:
+        out = np.empty(products.shape, dtype=cast.dtype, order=rows_order(products))
+    return finish_products(products, fitted.plan.shifted(shift), out=out,
+                           transform=_post(cast.clip, cast.scale, counter))
 
 
 def _one_key(obj):

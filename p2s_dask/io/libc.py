@@ -8,7 +8,6 @@ One loader for the few calls Python does not offer: ``mallopt`` and
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import sys
 
@@ -21,10 +20,18 @@ def function(name: str, argtypes: tuple, restype=ctypes.c_int):
     if not sys.platform.startswith("linux"):
         return None
     try:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = getattr(lib, name)
+        # the C library this process already loaded, found by the dynamic
+        # linker (``ctypes.util.find_library`` would run ldconfig in a
+        # subprocess, which opens files before a run is even checked)
+        fn = getattr(_own_symbols(), name)
     except (OSError, AttributeError):
         return None
     fn.argtypes = list(argtypes)
     fn.restype = restype
     return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _own_symbols():
+    """The symbols of this process (its C library's among them)."""
+    return ctypes.CDLL(None, use_errno=True)

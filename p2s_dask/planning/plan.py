@@ -142,6 +142,8 @@ class Data:
         The input has a scale or offset (decoded to float64).
     stored_chunks : tuple, optional
         A Zarr input's chunks when it is volume-major (one of ours).
+    calc_itemsize : int, optional
+        Bytes per value of the prediction's arithmetic (4 or 8).
     """
 
     shape: tuple
@@ -149,6 +151,7 @@ class Data:
     out_dtype: object = np.dtype(np.float32)
     scaled: bool = False
     stored_chunks: tuple | None = None
+    calc_itemsize: int = 8
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,9 @@ class Settings:
     folds : int
         Cross-validation folds of whole blocks (``patch_radius`` or
         ``alpha`` 'auto'); 0: none.
+    scratch_free : int, optional
+        Bytes free on the work store's disk (None: unknown, or not a disk
+        of this machine).
     """
 
     radius: tuple = (0, 0, 0)
@@ -179,6 +185,7 @@ class Settings:
     work_local: bool = True
     client_memory: int | None = None
     folds: int = 0
+    scratch_free: int | None = None
 
 
 # -- the plan ---------------------------------------------------------------------
@@ -241,6 +248,11 @@ class Plan:
         of whole blocks (z-slabs of blocks dealt in turn,
         :func:`~p2s_dask.core.crossval.block_folds` of :attr:`grid`) and the
         crossval pass chooses the radius and penalty of the passes after it.
+    keep_predictions : bool
+        With a patch, the minima pass keeps its predictions (before the
+        intercept) in the work store and the prediction pass shifts and
+        casts them instead of computing them again (see
+        :func:`keeps_predictions`).
     """
 
     shape: tuple
@@ -257,6 +269,7 @@ class Plan:
     held_input: int = 0
     held_output: int = 0
     folds: int = 0
+    keep_predictions: bool = False
 
     @property
     def grid(self) -> tuple:
@@ -307,6 +320,7 @@ class Plan:
                 "memory_per_worker": self.memory_per_worker,
                 "threads_per_worker": self.threads_per_worker, "workers": self.workers,
                 "held": self.held, "folds": self.folds,
+                "keep_predictions": self.keep_predictions,
                 "passes": [asdict(p) for p in self.passes]}
 
     def describe(self) -> list:
@@ -517,7 +531,33 @@ def make_plan(data: Data, inp: Endpoint, out: Endpoint, workers: Workers,
     if settings.folds:
         # no more folds than blocks (the user's chunks may be few)
         plan = replace(plan, folds=min(int(settings.folds), plan.n_blocks))
+    keep = keeps_predictions(shape, radius, data.calc_itemsize, workers, settings)
+    plan = replace(plan, keep_predictions=keep)
     return replace(plan, passes=plan_passes(plan, budget.lanes, settings.minima))
+
+
+# the kept predictions may take at most this share of the free disk
+KEEP_DISK_SHARE = 0.5
+
+
+def keeps_predictions(shape, radius, calc_itemsize: int, workers: Workers,
+                      settings: Settings) -> bool:
+    """Whether the minima pass keeps its predictions for the prediction pass.
+
+    With a patch a prediction costs 27 (radius 1) or more GEMMs per block:
+    measured on the HCP-sized run at radius 1, one prediction pass is 77 s
+    of compute where writing and reading back its values is a few seconds
+    (the page cache holds most of them). Without a patch the prediction is
+    one GEMM, cheaper than the disk. Kept only where every task sees the
+    work store's disk (a local work store, workers on this machine) and the
+    values take at most :data:`KEEP_DISK_SHARE` of its free space; a radius
+    that the cross-validation may still choose counts as the largest.
+    """
+    if not (settings.minima and any(radius) and settings.work_local and workers.local):
+        return False
+    need = math.prod(int(s) for s in shape) * int(calc_itemsize)
+    free = settings.scratch_free
+    return free is not None and need <= KEEP_DISK_SHARE * int(free)
 
 
 def plan_passes(plan: Plan, lanes: int, minima: bool) -> tuple:
@@ -576,8 +616,11 @@ def _work_memory(plan: Plan, lanes: int) -> dict:
     if plan.folds:
         # this process merges each fold's statistics into the total
         summing += scatter
+    # a minima pass that keeps its predictions holds one, as the prediction
+    # pass does
+    minima = PREDICT_BLOCKS_PER_THREAD if plan.keep_predictions else PATCH_BLOCKS_PER_THREAD
     return {"statistics": summing,
-            "minima": threads * PATCH_BLOCKS_PER_THREAD * block,
+            "minima": threads * minima * block,
             "predict": threads * PREDICT_BLOCKS_PER_THREAD * block,
             "solve": scatter, "crossval": CROSSVAL_SCATTERS * scatter}
 
@@ -637,6 +680,9 @@ def describe(plan: Plan) -> list:
     for i, p in enumerate(plan.passes, 1):
         folds = f", {plan.folds} folds of whole blocks (z-slabs dealt in turn): " \
             "chooses the radius and penalty" if p.name == "crossval" else ""
+        if plan.keep_predictions and p.name in ("minima", "predict"):
+            folds = (", keeps its predictions in the work store" if p.name == "minima"
+                     else ", shifts and casts the kept predictions")
         lines.append(f"  {i}. {_describe_pass(p)}{folds}")
     for p in plan.over_budget():
         lines.append(f"warning: the {p.name} pass needs about {human_bytes(p.memory)}, "

@@ -387,14 +387,60 @@ def minima_pass(state: Execution, step: Pass) -> None:
         state.report.resumed.append("minima")
         lowest, highest = saved["range"]
     else:
-        graph = (engine.prediction_range if integer else engine.prediction_minima)(
-            _blocks(state), state.fitted, run.radius)
+        if _keeps(state):
+            graph = _kept_range(state)
+        else:
+            graph = (engine.prediction_range if integer else engine.prediction_minima)(
+                _blocks(state), state.fitted, run.radius)
         with _errors("computing the minima"):
             both = np.asarray(state.executor.compute(graph, "minima", run.opts.progress,
                                                      threads=step.threads), float)
+        if _keeps(state) and not integer:
+            both = both[0]  # as prediction_minima: the range's lower half
         lowest, highest = both if integer else (both, np.full_like(both, np.inf))
         work.save_arrays("range.npz", range=np.stack([lowest, highest]))
     state.post = post_processing(run, state.fitted, lowest, highest)
+
+
+# where the minima pass keeps each block's predictions, in the work store
+KEPT_FOLDER = "pred"
+
+
+def _keeps(state: Execution) -> bool:
+    """The plan keeps the minima pass's predictions, and the radius (as
+    the cross-validation left it) has a patch."""
+    return bool(state.plan.keep_predictions and any(state.plan.radius))
+
+
+def _kept_name(key) -> str:
+    return f"{KEPT_FOLDER}/{key}.npy"
+
+
+def _keep_task(block, fitted, radius, work, key):
+    return engine.kept_prediction_range(block, fitted, radius,
+                                        lambda products: work.save_array(_kept_name(key),
+                                                                         products))
+
+
+def _range_of(*items):
+    both = np.stack(items)
+    return np.stack([both[:, 0].min(axis=0), both[:, 1].max(axis=0)])
+
+
+def _kept_range(state: Execution):
+    """The minima pass that keeps its predictions: one task per block
+    saves the block's products and returns its range, merged in a tree."""
+    plan, work = state.plan, state.work
+    work.makedirs(KEPT_FOLDER)
+    blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
+    fitted = dask.delayed(state.fitted, pure=True)
+    keep = dask.delayed(_keep_task, pure=False)
+    tasks = [keep(blocks[idx + (0,)], fitted, plan.radius, work, region_key(region))
+             for idx, region in plan.regions()]
+    merge = dask.delayed(_range_of, pure=True)
+    while len(tasks) > 1:
+        tasks = [merge(*tasks[i:i + 8]) for i in range(0, len(tasks), 8)]
+    return tasks[0]
 
 
 def post_processing(run, fitted, lowest, highest) -> Post:
@@ -558,17 +604,26 @@ class _Prediction:
     clip: bool
     dtype: object
     qc: object = None  # a QcSpec: the block's residuals are summarised
+    kept: bool = False  # the minima pass kept the blocks' products
 
 
 def _write_chunk(block, region, how: _Prediction, sink, work, key):
+    # the products the minima pass kept (None: none, or lost: computed)
+    products = work.load_array(_kept_name(key)) if how.kept else None
+    layout = block if products is None else products
     # a volume-major block predicts straight into the writer's layout
-    buffer = sink.buffer(region, how.dtype) if rows_order(block) == "F" else None
+    buffer = sink.buffer(region, how.dtype) if rows_order(layout) == "F" else None
     post = how.post
     counter = engine.Outside(how.dtype) if post.count_outside else None
     scale = None if post.slope == 1.0 else 1.0 / post.slope
-    out = engine.predict_chunk(block, how.fitted, how.radius, post.shift,
-                               engine.Cast(how.dtype, how.clip, scale), out=buffer,
-                               counter=counter)
+    cast = engine.Cast(how.dtype, how.clip, scale)
+    if products is None:
+        out = engine.predict_chunk(block, how.fitted, how.radius, post.shift, cast,
+                                   out=buffer, counter=counter)
+    else:
+        out = engine.finish_chunk(products, how.fitted, post.shift, cast, out=buffer,
+                                  counter=counter)
+        del products
     clipped = 0 if counter is None else counter.count
     parts = None
     if how.qc is not None:
@@ -577,17 +632,20 @@ def _write_chunk(block, region, how: _Prediction, sink, work, key):
                                       post.slope)
     # the marker goes after the data (and the block's summary): a marked
     # chunk is always fully written
-    sink.write(region, out, lambda: _mark_done(work, key, clipped, parts))
+    sink.write(region, out, lambda: _mark_done(work, key, clipped, parts, how.kept))
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
     return clipped if parts is None else (clipped, parts)
 
 
-def _mark_done(work, key, clipped, parts):
+def _mark_done(work, key, clipped, parts, kept=False):
     if parts is not None:
         work.save_arrays(f"{QC_FOLDER}/{key}.npz", **qc_summaries.to_arrays(parts))
     work.mark_done(key, clipped)
+    if kept:
+        # written: its kept products give their disk back
+        work.remove(_kept_name(key))
 
 
 def _write_tasks(state: Execution, post: Post, done, spec=None):
@@ -595,7 +653,7 @@ def _write_tasks(state: Execution, post: Post, done, spec=None):
     run, plan = state.run, state.plan
     blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
     how = dask.delayed(_Prediction(state.fitted, plan.radius, post, run.clip, run.out_dtype,
-                                   spec))
+                                   spec, _keeps(state) and state.post is not None))
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
     for idx, region in plan.regions():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ from ..config.groups import make_groups
 from ..config.groupspec import group_labels
 from ..io import fs_and_path, fsl_siblings, kind_of, read_bvals, read_bvecs, user_errors
 from ..io.budget import parse_memory_limit
-from ..io.urls import exists, is_local, join
+from ..io.urls import exists, is_local, join, local_path
 from ..io.sidecars import read_json_sidecar, sidecar_urls
 from ..io.zarr_store import store_state
 from .memory import PeakMemory
@@ -321,17 +322,32 @@ def plan_for(run: Run, executor):
     workers: the facts are gathered here, every decision is the plan's
     (:func:`p2s_dask.planning.plan.make_plan`)."""
     data = Data(run.shape, run.meta.raw_dtype, run.out_dtype, bool(run.meta.scaled),
-                run.stored_chunks)
+                run.stored_chunks, np.dtype(run.calc_dtype).itemsize)
     workers = Workers(executor.n_workers, executor.memory_per_worker,
                       executor.threads_per_worker, bool(executor.in_process),
                       bool(executor.is_local))
     # the minima pass gives the range that the shift and a fitted slope need
     settings = Settings(run.radius, bool(run.shift or run.fit_scale), run.opts.chunks,
                         is_local(run.work_url), run.budget,
-                        folds=run.auto.n_folds if run.auto is not None else 0)
+                        folds=run.auto.n_folds if run.auto is not None else 0,
+                        scratch_free=free_disk(run.work_url))
     return make_plan(data, Endpoint(run.in_kind, str(run.inp), is_local(run.inp)),
                      Endpoint(run.out_kind, str(run.out), is_local(run.out)), workers,
                      settings)
+
+
+def free_disk(url) -> int | None:
+    """Bytes free on the disk of a local ``url`` (its nearest existing
+    folder: the work store may not exist yet); None when it is not local."""
+    if not is_local(url):
+        return None
+    path = os.path.abspath(local_path(url))
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def identity(run: Run, plan) -> dict:

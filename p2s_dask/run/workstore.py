@@ -222,6 +222,25 @@ class WorkStore:
         except (ValueError, OSError, KeyError):
             return None  # damaged: recomputed
 
+    def save_array(self, name, array) -> None:
+        """One ``.npy`` written straight to its file (then renamed)."""
+        tmp = self._p(name + ".partial")
+        with user_errors(self.url, "writing"):
+            with self.fs.open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+            self.fs.mv(tmp, self._p(name))
+
+    def load_array(self, name):
+        """The array of an ``.npy`` :meth:`save_array` wrote; None when there
+        is none or it is damaged (then recomputed)."""
+        if not self.has(name):
+            return None
+        try:
+            with self.fs.open(self._p(name), "rb") as fh:
+                return np.load(fh, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            return None
+
     # -- finished output regions
     def done_regions(self) -> set:
         with user_errors(self.url, "reading"):
