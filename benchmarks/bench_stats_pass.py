@@ -55,6 +55,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 import time
 
 import numpy as np
@@ -249,13 +250,29 @@ def cli_mode(args, cache, shape):
         np.savetxt(os.path.join(tmp, "dwi.bval"), bvals[None], fmt="%g")
         del data
         got = run_cli(src, out, args.memory_limit,
-                      extra=["--patch-radius", str(RADIUS[0]), "--ver", "1"])
+                      extra=["--patch-radius", args.radius, "--ver", "1"])
+        floors = _cli_floors(args, got, src, out, tmp, bvals)
     budget = _parse_bytes(args.memory_limit)
-    case = dict(case="cli", wall_s=got["wall_s"], stages=got["stages"],
+    case = dict(case=f"cli radius {args.radius}", wall_s=got["wall_s"], stages=got["stages"],
                 chunks=got["plan"]["chunks"], peak_rss_bytes=got["peak_rss_tree"],
-                command=got["command"])
+                command=got["command"], cross_validation=got.get("cross_validation"),
+                keep_predictions=got["plan"].get("keep_predictions"), **floors)
     return [case], dict(budget_bytes=budget, peak_bytes=got["peak_rss_tree"],
                         within_budget=got["peak_rss_tree"] <= budget)
+
+
+def _cli_floors(args, got, src, out, tmp, bvals) -> dict:
+    """The run's compute floor (its own BLAS calls on its threads, one
+    prediction pass where the minima pass kept its predictions) and the
+    I/O floor of its input (read once, as many bytes written), measured now;
+    none for ``--radius auto`` (its radius is the run's choice)."""
+    from floors import floor_of_run, io_floor
+    if args.radius == "auto":
+        return {}
+    print("measuring the floors ...", flush=True)
+    compute = floor_of_run(got, out, bvals, integer=args.dtype == "int16", max_seconds=None)
+    io = io_floor(Path(src), Path(tmp) / "io_floor.bin")
+    return dict(compute_floor=compute, io_floor=io)
 
 
 def _parse_bytes(text):
@@ -269,6 +286,18 @@ def print_cli(cases, summary):
     for name, secs in c["stages"].items():
         print(f"{name:<12} {secs:>8.1f}")
     print(f"{'whole':<12} {c['wall_s']:>8.1f}  (process start included)")
+    if c.get("cross_validation"):
+        print(f"cross-validation chose: {c['cross_validation'].get('setting')}")
+    if c.get("compute_floor"):
+        floor, io = c["compute_floor"], c["io_floor"]["floor_s"]
+        stats = floor["statistics"]["seconds"]
+        pred = floor["prediction"]["seconds"]
+        print(f"compute floor: statistics {stats:.1f} s + {floor['prediction_passes']} x "
+              f"prediction {pred:.1f} s on {floor['threads']} threads; I/O floor {io:.1f} s")
+        print(f"statistics / their floor            {c['stages']['statistics'] / stats:.2f}"
+              "  (target <= 1.2)")
+        print(f"whole / (compute + I/O floor)       "
+              f"{c['wall_s'] / (floor['seconds'] + io):.2f}  (target <= 1.25)")
     print(f"chunks {'x'.join(map(str, c['chunks']))}, peak RSS of the process tree "
           f"{c['peak_rss_bytes'] / GiB:.2f} GiB (budget {summary['budget_bytes'] / GiB:.2f})")
 
@@ -295,6 +324,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", choices=["stats", "call", "cli"], default="stats")
+    p.add_argument("--radius", choices=["1", "auto"], default="1",
+                   help="cli mode: --patch-radius (auto: chosen by cross-validation, "
+                        "radius 0 or 1)")
     p.add_argument("--memory-limit", default="2GiB", help="cli mode: --memory-limit")
     p.add_argument("--tmp-dir", help="cli mode: where the .nii files go (default $TMPDIR)")
     p.add_argument("--shape", type=int, nargs=3, default=[81, 106, 76])

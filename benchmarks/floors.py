@@ -640,9 +640,11 @@ def floor_of_run(report: dict, out, bvals, *, integer: bool,
     if opts.get("mask"):
         import nibabel as nib
         mask_voxels = int(np.count_nonzero(np.asanyarray(nib.load(opts["mask"]).dataobj)))
-    # the prediction runs once more for the intensity shift (the minima pass)
-    passes = 1 + bool(opts["shift_intensity"])
     plan = report["plan"]
+    # the prediction runs once more for the intensity shift (the minima
+    # pass), unless the minima pass kept its predictions for the last one
+    kept = bool(plan.get("keep_predictions")) and any(radius)
+    passes = 1 + bool(opts["shift_intensity"] and not kept)
     return compute_floor(report["shape"], bvals, plan["chunks"], radius=radius,
                          mask_voxels=mask_voxels, threads=plan["threads_per_worker"],
                          predict_dtype=opts["calc_dtype"], prediction_passes=passes,

@@ -88,21 +88,46 @@ def test_the_prediction_pass_computes_nothing(scan, tmp_path, monkeypatch):
 
 
 def test_lost_products_are_computed_again(scan, tmp_path, monkeypatch):
-    """A kept block that cannot be read back (removed, damaged) is predicted
-    again: the same bytes."""
+    """Kept blocks lost before the prediction pass (removed, damaged) are
+    predicted again from the input: the same bytes."""
     reference = _denoise(scan, tmp_path / "ref.nii")
-    real = WorkStore.load_array
+    real = passes._kept_keys
     lost = []
 
-    def lose_some(self, name):
-        if name.startswith(passes.KEPT_FOLDER) and len(lost) < 5:
-            lost.append(name)
+    def lose_some(work):
+        names = sorted(real(work))[:5]
+        for key in names:
+            work.remove(passes._kept_name(key))
+        lost.extend(names)
+        return real(work)
+
+    monkeypatch.setattr(passes, "_kept_keys", lose_some)
+    assert _denoise(scan, tmp_path / "kept.nii") == reference
+    assert len(lost) == 5
+
+
+def test_products_lost_while_predicting_stop_the_run_in_one_line(scan, tmp_path,
+                                                                 monkeypatch, capsys):
+    """A kept block that vanishes after the pass listed it: one line, exit 2
+    (nothing complete at OUT), and the same command then finishes the job
+    with the bytes of an uninterrupted run."""
+    reference = _denoise(scan, tmp_path / "ref.nii")
+    real = WorkStore.load_array
+
+    def vanish(self, name):
+        if name.startswith(passes.KEPT_FOLDER):
             self.remove(name)
         return real(self, name)
 
-    monkeypatch.setattr(WorkStore, "load_array", lose_some)
-    assert _denoise(scan, tmp_path / "kept.nii") == reference
-    assert len(lost) == 5
+    monkeypatch.setattr(WorkStore, "load_array", vanish)
+    out = tmp_path / "kept.nii"
+    code = main(["denoise", str(scan), str(out), "--patch-radius", "1", "--ver", "1",
+                 "--chunks", CHUNKS, "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert "lost the kept prediction" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setattr(WorkStore, "load_array", real)
+    assert _denoise(scan, out) == reference
 
 
 def test_kept_products_under_a_process_cluster(scan, tmp_path, monkeypatch):

@@ -604,12 +604,14 @@ class _Prediction:
     clip: bool
     dtype: object
     qc: object = None  # a QcSpec: the block's residuals are summarised
-    kept: bool = False  # the minima pass kept the blocks' products
 
 
-def _write_chunk(block, region, how: _Prediction, sink, work, key):
+def _write_chunk(block, region, how: _Prediction, sink, work, key, kept=False):
     # the products the minima pass kept (None: none, or lost: computed)
-    products = work.load_array(_kept_name(key)) if how.kept else None
+    products = work.load_array(_kept_name(key)) if kept else None
+    if products is None and block is None:
+        raise DataError(f"the work store {work.url} lost the kept prediction of the block "
+                        f"at {key}; run the same command again to compute it")
     layout = block if products is None else products
     # a volume-major block predicts straight into the writer's layout
     buffer = sink.buffer(region, how.dtype) if rows_order(layout) == "F" else None
@@ -632,7 +634,7 @@ def _write_chunk(block, region, how: _Prediction, sink, work, key):
                                       post.slope)
     # the marker goes after the data (and the block's summary): a marked
     # chunk is always fully written
-    sink.write(region, out, lambda: _mark_done(work, key, clipped, parts, how.kept))
+    sink.write(region, out, lambda: _mark_done(work, key, clipped, parts, kept))
     delay = float(os.environ.get(CHUNK_DELAY_ENV, 0) or 0)
     if delay:
         time.sleep(delay)
@@ -653,14 +655,30 @@ def _write_tasks(state: Execution, post: Post, done, spec=None):
     run, plan = state.run, state.plan
     blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
     how = dask.delayed(_Prediction(state.fitted, plan.radius, post, run.clip, run.out_dtype,
-                                   spec, _keeps(state) and state.post is not None))
+                                   spec))
+    # the blocks whose products the minima pass kept: their tasks read no
+    # input, unless the QC report needs their residuals
+    kept = _kept_keys(state.work) if _keeps(state) and state.post is not None else set()
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
     for idx, region in plan.regions():
         key = region_key(region)
-        if key not in done:
-            tasks.append(write(blocks[idx + (0,)], region, how, state.sink, state.work, key))
+        if key in done:
+            continue
+        block = None if key in kept and spec is None else blocks[idx + (0,)]
+        tasks.append(write(block, region, how, state.sink, state.work, key, key in kept))
     return tasks
+
+
+def _kept_keys(work) -> set:
+    """The blocks whose products the minima pass kept, by region key."""
+    folder = f"{work.path}/{KEPT_FOLDER}"
+    with user_errors(work.url, "reading"):
+        work.fs.invalidate_cache(folder)
+        if not work.fs.exists(folder):
+            return set()
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in work.fs.ls(folder, detail=False)]
+    return {name[:-len(".npy")] for name in names if name.endswith(".npy")}
 
 
 # -- the QC report's summaries (see p2s_dask.report) ----------------------------------
