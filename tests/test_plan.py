@@ -354,7 +354,16 @@ def block_tasks(collection) -> int:
     graph = {}
     for item in items:
         graph.update(dict(item.__dask_graph__()))
-    return sum(getattr(task, "func", None) in per_block for task in graph.values())
+    count = 0
+    for task in graph.values():
+        count += getattr(task, "func", None) in per_block
+        # a lane run as one task holds its steps' graph (engine.lanes_in_sequence)
+        for arg in getattr(task, "args", ()):
+            if isinstance(getattr(arg, "value", None), engine._Opaque):
+                arg = arg.value
+            if isinstance(arg, engine._Opaque):
+                count += block_tasks(arg.value)
+    return count
 
 
 def recording_executor(threads, memory_limit, in_process=True):

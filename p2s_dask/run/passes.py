@@ -271,8 +271,9 @@ def statistics_pass(state: Execution, step: Pass) -> None:
     if state.plan.folds:
         summary = _fold_statistics(state, step)
     else:
-        graph = engine.summarize(_blocks(state), run.groups, run.radius, run.mask,
-                                 lanes=step.lanes)
+        with engine.lanes_in_sequence(state.executor.in_process):
+            graph = engine.summarize(_blocks(state), run.groups, run.radius, run.mask,
+                                     lanes=step.lanes)
         with _errors("computing the statistics"):
             # the plan's cap: with a patch no more threads than lanes (see
             # planning.plan.plan_passes)
@@ -295,8 +296,9 @@ def _fold_statistics(state: Execution, step: Pass):
     reads them back) and merged here into the total (returned)."""
     run, work, plan = state.run, state.work, state.plan
     labels = auto.fold_labels(tuple(len(g) for g in plan.grid), plan.folds)
-    graphs = engine.fold_summaries(_blocks(state), run.groups, run.radius, run.mask, labels,
-                                   lanes=step.lanes)
+    with engine.lanes_in_sequence(state.executor.in_process):
+        graphs = engine.fold_summaries(_blocks(state), run.groups, run.radius, run.mask,
+                                       labels, lanes=step.lanes)
     total, reused = None, 0
     for k, graph in enumerate(graphs):
         saved = work.load_arrays(f"fold{k}.npz")
