@@ -34,7 +34,7 @@ from ..io.malloc import return_freed_memory, reuse_freed_memory
 from ..io.nifti_direct import open_nifti
 from ..io.nifti_memory import as_blocks, read_whole
 from ..io.sidecars import write_sidecars
-from ..io.urls import describe_error, is_local, local_path, user_errors
+from ..io.urls import describe_error, is_local, local_path
 from ..io.zarr_store import compressor_for, store_state
 from ..planning.plan import InputMode, OutputMode, Pass, Plan, region_key
 from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, Stream, ZarrSink
@@ -439,10 +439,7 @@ def _kept_range(state: Execution):
     keep = dask.delayed(_keep_task, pure=False)
     tasks = [keep(blocks[idx + (0,)], fitted, plan.radius, work, region_key(region))
              for idx, region in plan.regions()]
-    merge = dask.delayed(_range_of, pure=True)
-    while len(tasks) > 1:
-        tasks = [merge(*tasks[i:i + 8]) for i in range(0, len(tasks), 8)]
-    return tasks[0]
+    return _merge_tree(tasks, _range_of)
 
 
 def post_processing(run, fitted, lowest, highest) -> Post:
@@ -674,13 +671,7 @@ def _write_tasks(state: Execution, post: Post, done, spec=None):
 
 def _kept_keys(work) -> set:
     """The blocks whose products the minima pass kept, by region key."""
-    folder = f"{work.path}/{KEPT_FOLDER}"
-    with user_errors(work.url, "reading"):
-        work.fs.invalidate_cache(folder)
-        if not work.fs.exists(folder):
-            return set()
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in work.fs.ls(folder, detail=False)]
-    return {name[:-len(".npy")] for name in names if name.endswith(".npy")}
+    return work.stems(KEPT_FOLDER, ".npy")
 
 
 # -- the QC report's summaries (see p2s_dask.report) ----------------------------------
@@ -707,21 +698,20 @@ def _gathered(tasks, spec):
     else the list of their clipped counts."""
     if spec is None:
         return tasks
-    merge = dask.delayed(_merge_results, pure=True)
+    return _merge_tree(tasks, _merge_results)
+
+
+def _merge_tree(tasks, merge, fan_in=8):
+    """The tasks' results merged by ``merge`` in a tree of ``fan_in``."""
+    merge = dask.delayed(merge, pure=True)
     while len(tasks) > 1:
-        tasks = [merge(*tasks[i:i + 8]) for i in range(0, len(tasks), 8)]
+        tasks = [merge(*tasks[i:i + fan_in]) for i in range(0, len(tasks), fan_in)]
     return tasks[0]
 
 
 def _saved_summaries(work) -> set:
     """The regions whose residual summaries an earlier run saved."""
-    folder = f"{work.path}/{QC_FOLDER}"
-    with user_errors(work.url, "reading"):
-        work.fs.invalidate_cache(folder)
-        if not work.fs.exists(folder):
-            return set()
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in work.fs.ls(folder, detail=False)]
-    return {name[:-4] for name in names if name.endswith(".npz")}
+    return work.stems(QC_FOLDER, ".npz")
 
 
 def _with_saved(parts, work, done):

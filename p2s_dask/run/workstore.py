@@ -241,6 +241,17 @@ class WorkStore:
         except (ValueError, OSError, EOFError):
             return None
 
+    def stems(self, folder, suffix) -> set:
+        """The names in ``folder`` that end in ``suffix``, without it (an
+        empty set when there is no such folder)."""
+        path = self._p(folder)
+        with user_errors(self.url, "reading"):
+            self.fs.invalidate_cache(path)
+            if not self.fs.exists(path):
+                return set()
+            names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+        return {name[:-len(suffix)] for name in names if name.endswith(suffix)}
+
     # -- finished output regions
     def done_regions(self) -> set:
         with user_errors(self.url, "reading"):
