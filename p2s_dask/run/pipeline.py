@@ -137,6 +137,17 @@ class Run:
     auto: object = None
     cross_validation: dict | None = None
 
+    def input_fingerprint(self) -> dict:
+        """The input's fingerprint (:func:`~.workstore.fingerprint`), read
+        once per run: the work store's identity and the output's provenance
+        both record it, and a store's is a sample of its chunks (0.3 s for
+        a 350 MB store, measured: twice made the Zarr path 25% slower)."""
+        cached = self.__dict__.get("_input_fingerprint")
+        if cached is None:
+            cached = fingerprint(self.inp, self.opts.storage_options)
+            self.__dict__["_input_fingerprint"] = cached
+        return cached
+
 
 def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = None,
                  executor=None, manifest=None, **run_options) -> Report:
@@ -357,7 +368,7 @@ def identity(run: Run, plan) -> dict:
     return {
         "p2s_dask": __version__,
         "input": {"url": canonical(run.inp),
-                  **fingerprint(run.inp, run.opts.storage_options)},
+                  **run.input_fingerprint()},
         "output": canonical(run.out),
         "mask": None if run.mask is None else content_hash(run.mask),
         "bvals": [float(b) for b in run.bvals],

@@ -19,7 +19,7 @@ from .. import __version__
 from ..io.sidecars import read_json, sidecar_urls
 from ..errors import InputError
 from ..io.urls import kind_of
-from .workstore import content_hash, fingerprint
+from .workstore import content_hash
 
 
 def result_fingerprint(run) -> dict:
@@ -41,7 +41,7 @@ def result_fingerprint(run) -> dict:
     bvecs = run.meta.bvecs
     record = {
         "p2s_dask": __version__,
-        "input": fingerprint(run.inp, run.opts.storage_options),
+        "input": run.input_fingerprint(),
         "bvals": content_hash(np.asarray(run.bvals, np.float64)),
         "bvecs": None if bvecs is None else content_hash(np.asarray(bvecs, np.float64)),
         "mask": None if run.mask is None else content_hash(run.mask),
