@@ -339,7 +339,8 @@ def _denoise_one(args, opts, inp, out):
                      opts.storage_options)
         for target in manifest.targets(QC_PAGE):
             from ..report import single_page
-            put_text(target, single_page(report.as_dict(), report.qc), opts.storage_options)
+            put_text(target, single_page(report.as_dict(), report.qc, report.drawing),
+                     opts.storage_options)
 
 
 def _run_many(args, opts, pairs, extra, before=None, after=None, ours=frozenset()) -> int:

@@ -50,21 +50,50 @@ def write_noise_map(target, meta, noise, storage_options=None) -> None:
     write_whole(target.place.url, noise_meta(meta), values, storage_options)
 
 
-def single_page(info: dict, result) -> str:
-    """The self-contained page of one run (``denoise --report``)."""
-    from . import figures, html
-    images = {name: html.data_uri(png) for name, png in figures.draw_all(result).items()}
+def draw_in_background(result):
+    """Start drawing the figures of ``result`` (a QcResult) in a thread of
+    their own; returns a :class:`concurrent.futures.Future` of
+    ``{name: PNG bytes}``.
+
+    The figures need only the QC summaries, known when the prediction pass
+    ends: drawn while the output pass streams (gzip in C threads), they cost
+    the run little of the ~2 s that matplotlib's import and drawing take
+    after it (the report's share of the HCP-sized radius-0 run).
+    """
+    import concurrent.futures
+    from . import figures
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="p2s-figures")
+    try:
+        return pool.submit(figures.draw_all, result)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def _drawn(result, drawing=None) -> dict:
+    """The figures of ``result``: those ``drawing`` (a Future of
+    :func:`draw_in_background`) made, else drawn now."""
+    from . import figures
+    return drawing.result() if drawing is not None else figures.draw_all(result)
+
+
+def single_page(info: dict, result, drawing=None) -> str:
+    """The self-contained page of one run (``denoise --report``); its
+    figures from ``drawing`` when they were started early."""
+    from . import html
+    images = {name: html.data_uri(png) for name, png in _drawn(result, drawing).items()}
     title = f"p2s-dask QC report: {info.get('output', '')}"
     return html.page(title, [html.run_section(info, images, "Run")])
 
 
-def write_reportlets(info: dict, result, targets: dict, storage_options=None) -> None:
-    """A BIDS run's reportlets: its figures (PNG) and its section (HTML
-    naming them), each to its manifest entry in ``targets`` (by role)."""
+def write_reportlets(info: dict, result, targets: dict, storage_options=None,
+                     drawing=None) -> None:
+    """A BIDS run's reportlets: its figures (PNG, from ``drawing`` when they
+    were started early) and its section (HTML naming them), each to its
+    manifest entry in ``targets`` (by role)."""
     from ..run.targets import put_bytes, put_text
-    from . import figures, html
+    from . import html
     images = {}
-    for name, png in figures.draw_all(result).items():
+    for name, png in _drawn(result, drawing).items():
         target = targets[qc_figure_role(name)]
         put_bytes(target, png, storage_options)
         images[name] = target.place.url.rstrip("/").rsplit("/", 1)[-1]

@@ -39,7 +39,7 @@ from ..io.zarr_store import compressor_for, store_state
 from ..planning.plan import InputMode, OutputMode, Pass, Plan, region_key
 from .sinks import NiftiDirectSink, NiftiMemorySink, NiftiViaZarrSink, Stream, ZarrSink
 from ..planning.paths import QC_NOISE
-from ..report import results as qc_results, write_noise_map
+from ..report import draw_in_background, results as qc_results, write_noise_map
 from ..report import summaries as qc_summaries
 from ..config.validate import describe_nonfinite
 from . import auto
@@ -469,6 +469,9 @@ def predict_pass(state: Execution, step: Pass) -> None:
     clipped, parts = predict(state, post, step, spec)
     if spec is not None:
         state.report.qc = qc_results.finish(parts, spec, run.bvals, run.groups)
+        # a run with a noise map has a page or reportlets: their figures
+        # are drawn while the output pass streams (the page is made last)
+        state.report.drawing = draw_in_background(state.report.qc)
     if clipped:
         logger.warning("%d denoised values fell outside the range of %s and were "
                        "clipped to it", clipped, run.out_dtype)

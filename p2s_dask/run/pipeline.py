@@ -77,6 +77,9 @@ class Report:
     # a radius or penalty left to the data: the choice and its table of
     # held-out errors (p2s_dask.run.auto.decide)
     cross_validation: dict | None = None
+    # the report's figures, drawn while the output pass runs (a Future; see
+    # p2s_dask.report.draw_in_background); not part of the record
+    drawing: object = None
 
     @property
     def voxels_per_second(self) -> float:
@@ -193,7 +196,8 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
         # a BIDS run's reportlets, for its subject's page (put together by
         # the front once every run is done)
         from ..report import write_reportlets
-        write_reportlets(report.as_dict(), report.qc, run.qc, opts.storage_options)
+        write_reportlets(report.as_dict(), report.qc, run.qc, opts.storage_options,
+                         report.drawing)
     return report
 
 
