@@ -132,7 +132,6 @@ def prediction_range(block: np.ndarray, radius, model: LinearModel,
     """Per-volume ``(minimum, maximum)``, shape ``(2, n_out)``, as
     :func:`prediction_minima` (the maximum only when ``highest``; else inf)."""
     dtype = np.dtype(dtype)
-    intercept = np.asarray(model.intercept, np.float64).astype(dtype)
     lowest = np.full(model.n_volumes, np.inf, dtype=dtype)
     top = np.full(model.n_volumes, -np.inf, dtype=dtype)
     rows, order = voxel_rows(block) if not any(radius) else (None, None)
@@ -145,7 +144,16 @@ def prediction_range(block: np.ndarray, radius, model: LinearModel,
         np.minimum(lowest, y.min(axis=0), out=lowest)
         if highest:
             np.maximum(top, y.max(axis=0), out=top)
-    return np.stack([lowest + intercept, top + intercept]).astype(np.float64)
+    return with_intercept(lowest, top, model)
+
+
+def with_intercept(lowest, highest, model: LinearModel) -> np.ndarray:
+    """``(2, n_out)`` float64: the per-volume extremes of a prediction's
+    products (in its arithmetic) with the intercept added once per volume
+    (rounding is monotonic: the same bits as the extremes of every value
+    with its intercept)."""
+    intercept = np.asarray(model.intercept, np.float64).astype(lowest.dtype)
+    return np.stack([lowest + intercept, highest + intercept]).astype(np.float64)
 
 
 def _patch_products(block, radius, model, shape, max_bytes, dtype):

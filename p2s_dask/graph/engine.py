@@ -35,7 +35,7 @@ from ..core.lagparts import LagParts
 from ..core.lagstats import lag_block_stats, lags_pay_off
 from ..core.layout import rows_order, voxel_rows
 from ..core.postprocess import intensity_shift
-from ..core.predict import combine, finish_products
+from ..core.predict import combine, finish_products, with_intercept
 from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.predict import prediction_range as block_prediction_range
 from ..planning.chunking import chunk_policy, patch_lanes
@@ -741,10 +741,8 @@ def kept_prediction_range(block, fitted: FittedModels, radius, keep) -> np.ndarr
         products = predict_block(block, radius, fitted.plan.products_only(),
                                  dtype=fitted.calc_dtype)
     keep(products)
-    # as core.predict.prediction_range: the intercept once per volume
-    intercept = np.asarray(fitted.plan.intercept, np.float64).astype(products.dtype)
-    lowest, highest = products.min(axis=(0, 1, 2)), products.max(axis=(0, 1, 2))
-    return np.stack([lowest + intercept, highest + intercept]).astype(np.float64)
+    return with_intercept(products.min(axis=(0, 1, 2)), products.max(axis=(0, 1, 2)),
+                          fitted.plan)
 
 
 def finish_chunk(products, fitted: FittedModels, shift, cast: Cast, out=None, counter=None):

@@ -389,7 +389,8 @@ def minima_pass(state: Execution, step: Pass) -> None:
         state.report.resumed.append("minima")
         lowest, highest = saved["range"]
     else:
-        if _keeps(state):
+        keeps = _keeps(state)
+        if keeps:
             graph = _kept_range(state)
         else:
             graph = (engine.prediction_range if integer else engine.prediction_minima)(
@@ -397,7 +398,7 @@ def minima_pass(state: Execution, step: Pass) -> None:
         with _errors("computing the minima"):
             both = np.asarray(state.executor.compute(graph, "minima", run.opts.progress,
                                                      threads=step.threads), float)
-        if _keeps(state) and not integer:
+        if keeps and not integer:
             both = both[0]  # as prediction_minima: the range's lower half
         lowest, highest = both if integer else (both, np.full_like(both, np.inf))
         work.save_arrays("range.npz", range=np.stack([lowest, highest]))
