@@ -95,6 +95,19 @@ def test_single_runs_with_report_log_and_sidecars(tmp_path):
         assert_all_planned(events, tmp_path)
 
 
+def test_radius_1_run_keeps_its_predictions_in_the_work_store(tmp_path):
+    """With a patch the minima pass writes each block's prediction into the
+    work store (the plan's scratch): every file planned, the work store gone
+    at the end."""
+    write_dwi(tmp_path / "raw.nii", shape=(10, 9, 8), seed=3)
+    events = tmp_path / "events.jsonl"
+    audited(events, "denoise", tmp_path / "raw.nii", tmp_path / "r1.nii", "--patch-radius", "1",
+            "--ver", "1", "--chunks", "10,9,4", "--report", tmp_path / "r1.html")
+    written = assert_all_planned(events, tmp_path)
+    assert any(Path(e["path"]).suffix == ".npy" for e in written)
+    assert not (tmp_path / "r1.nii.p2s-work").exists()
+
+
 def test_overwrite_tmp_dir_and_convert(tmp_path):
     write_dwi(tmp_path / "dwi.nii.gz", shape=(10, 9, 8))
     scratch = tmp_path / "scratch"
