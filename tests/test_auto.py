@@ -277,6 +277,11 @@ def test_plan_deals_whole_blocks_into_folds():
     crossval = auto.pass_named("crossval")
     assert crossval.where == "client" and crossval.tasks == 0
     assert crossval.memory > auto.pass_named("solve").memory
+    # the total, a fold and the training matrix; with a grid of penalties
+    # the eigenvectors too (test_crossval measures what scoring holds)
+    scatter = auto.pass_named("solve").memory
+    grid = make_plan(*facts, Settings((1, 1, 1), folds=5, penalty_grid=True))
+    assert (crossval.memory, grid.pass_named("crossval").memory) == (3 * scatter, 4 * scatter)
     assert auto.identity()["folds"] == 5 and "folds" not in plain.identity()
     # the user's chunks win; no more folds than blocks
     few = make_plan(*facts, Settings((1, 1, 1), chunks=(96, 96, 20), folds=5))

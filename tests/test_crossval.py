@@ -291,3 +291,45 @@ def test_chosen_penalty_denoises_as_well_as_the_best(name, radius):
     chosen = choose(scores)["groups"]["dwi"]["alpha"]
     assert truth[chosen] <= 1.02 * min(truth.values())
     assert max(truth.values()) > 1.03 * min(truth.values())  # the grid matters
+
+
+# -- memory --------------------------------------------------------------------
+
+def _wide_stats(f, n, seed):
+    """Statistics of ``n`` random rows of ``f`` features (well posed)."""
+    rng = np.random.default_rng(seed)
+    return rows_stats(rng.normal(size=(n, f)) + rng.normal(size=f))
+
+
+@pytest.mark.parametrize("lams, extra", [
+    ((crossval.OLS_LAMBDA,), 1),                          # 'ols': the training matrix
+    (tuple(10.0 ** np.arange(-3, 4)), 2),                 # a grid: and its eigenvectors
+])
+def test_scoring_holds_the_matrices_the_plan_counts(lams, extra):
+    """Beside the total and the fold it is given, scoring one fold holds one
+    F x F (the training statistics, inverted in place) or two with a grid of
+    penalties (and the eigenvectors serving them): what
+    ``plan.crossval_scatters`` counts with the total and the fold. Measured
+    by tracemalloc, which sees NumPy's and LAPACK's work arrays."""
+    import tracemalloc
+
+    from p2s_dask.planning.plan import crossval_scatters
+
+    p, m = 27, 80                       # radius 1: F = 2160, 37 MB each
+    f = p * m
+    fold = _wide_stats(f, 1500, 1)
+    total = merge_all([fold, _wide_stats(f, 4000, 2)])
+    square = 8 * f * f
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        errors = crossval.fold_errors(total, fold, p, lams)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert np.isfinite(errors).all() and (errors > 0).all()
+    assert crossval_scatters(len(lams) > 1) == 2 + extra
+    # the matrices counted, plus vectors, F x m pieces and the in-place
+    # helpers' bands of 256 rows (together under a fifth of one here, a
+    # twentieth at 300 volumes)
+    assert peak <= (extra + 0.2) * square, f"{peak / square:.2f} F x F held"

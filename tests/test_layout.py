@@ -75,6 +75,31 @@ def test_prediction_layouts_and_segments_match_dense(block, order, groups):
                                atol=1e-9 * np.abs(dense).max())
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("max_bytes", [2000, 30000, 4 * 2**20])
+def test_patch_prediction_layouts_match_dense_features(block, order, max_bytes):
+    """Radius 1 in either layout, walked in sub-boxes of any size (one
+    plane or less, several planes, the whole block): the dense features (by
+    DIPY's extractor, zero-padded) times the weights, and the output keeps
+    the block's layout."""
+    from dipy.denoise.patch2self import _extract_3d_patches
+
+    rng = np.random.default_rng(8)
+    radius, p, m = (1, 1, 1), 27, block.shape[-1]
+    mdl = LinearModel(rng.normal(0, 0.05, (m * p, m)), rng.normal(0, 5, m), p)
+    padded = np.pad(block.astype(np.float64), [(1, 1)] * 3 + [(0, 0)])
+    feats = _extract_3d_patches(np.pad(padded, [(1, 1)] * 3 + [(0, 0)]), radius)
+    # (m, P, voxels) in C order over the padded block: keep the interior's
+    inner = np.zeros(padded.shape[:3], bool)
+    inner[1:-1, 1:-1, 1:-1] = True
+    x = feats[:, :, inner.ravel()].reshape(m * p, -1).T
+    dense = x @ mdl.weights + mdl.intercept
+    out = predict_block(np.array(padded, order=order), radius, mdl, max_bytes=max_bytes)
+    assert out.shape == block.shape and out.flags.f_contiguous == (order == "F")
+    np.testing.assert_allclose(out.reshape(-1, m), dense, rtol=1e-12,
+                               atol=1e-10 * np.abs(dense).max())
+
+
 def test_block_segments_cover_groups():
     w = np.zeros((10, 10))
     w[:4, :4] = 1

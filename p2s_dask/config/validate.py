@@ -129,6 +129,11 @@ class AutoSettings:
     n_folds: int = DEFAULT_FOLDS
 
     @property
+    def penalty_grid(self) -> bool:
+        """Whether a grid of ridge penalties is scored (``alpha='auto'``)."""
+        return self.model == "ridge" and self.alpha is None
+
+    @property
     def chosen(self) -> str:
         """What is left to the data, in words: 'patch radius', 'alpha' or both."""
         words = ["patch radius"] * self.radius_auto + ["alpha"] * (self.alpha is None)

@@ -37,10 +37,17 @@ MEMORY_IMAGE_SHARE = 0.5
 # PATCH_BLOCKS_PER_THREAD, see .chunking)
 PREDICT_BLOCKS_PER_THREAD = 5
 
-# F x F scatters the cross-validation holds at once: the total, the fold
-# being scored (and its bytes as read from the work store), the training
-# statistics and the eigenvectors (or inverse) of their fit
-CROSSVAL_SCATTERS = 5
+# F x F scatters the cross-validation holds at once (see
+# core.crossval.fold_errors): the total, the fold being scored and the
+# training statistics that its solve inverts in place; scoring a grid of
+# penalties adds the eigenvectors that serve them (crossval_scatters)
+CROSSVAL_SCATTERS = 3
+
+
+def crossval_scatters(penalty_grid: bool) -> int:
+    """F x F scatters the cross-validation holds at once: with a grid of
+    penalties (``alpha='auto'``) one more."""
+    return CROSSVAL_SCATTERS + bool(penalty_grid)
 
 
 class InputMode(str, enum.Enum):
@@ -174,6 +181,9 @@ class Settings:
     folds : int
         Cross-validation folds of whole blocks (``patch_radius`` or
         ``alpha`` 'auto'); 0: none.
+    penalty_grid : bool
+        The cross-validation scores a grid of ridge penalties (``alpha``
+        'auto').
     scratch_free : int, optional
         Bytes free on the work store's disk (None: unknown, or not a disk
         of this machine).
@@ -186,6 +196,7 @@ class Settings:
     client_memory: int | None = None
     folds: int = 0
     scratch_free: int | None = None
+    penalty_grid: bool = False
 
 
 # -- the plan ---------------------------------------------------------------------
@@ -248,6 +259,8 @@ class Plan:
         of whole blocks (z-slabs of blocks dealt in turn,
         :func:`~p2s_dask.core.crossval.block_folds` of :attr:`grid`) and the
         crossval pass chooses the radius and penalty of the passes after it.
+    penalty_grid : bool
+        The crossval pass scores a grid of penalties (:class:`Settings`).
     keep_predictions : bool
         With a patch, the minima pass keeps its predictions (before the
         intercept) in the work store and the prediction pass shifts and
@@ -270,6 +283,7 @@ class Plan:
     held_output: int = 0
     folds: int = 0
     keep_predictions: bool = False
+    penalty_grid: bool = False
 
     @property
     def grid(self) -> tuple:
@@ -530,7 +544,8 @@ def make_plan(data: Data, inp: Endpoint, out: Endpoint, workers: Workers,
                 modes.held_input, modes.held_output)
     if settings.folds:
         # no more folds than blocks (the user's chunks may be few)
-        plan = replace(plan, folds=min(int(settings.folds), plan.n_blocks))
+        plan = replace(plan, folds=min(int(settings.folds), plan.n_blocks),
+                       penalty_grid=bool(settings.penalty_grid))
     keep = keeps_predictions(shape, radius, data.calc_itemsize, workers, settings)
     plan = replace(plan, keep_predictions=keep)
     return replace(plan, passes=plan_passes(plan, budget.lanes, settings.minima))
@@ -622,7 +637,7 @@ def _work_memory(plan: Plan, lanes: int) -> dict:
     return {"statistics": summing,
             "minima": threads * minima * block,
             "predict": threads * PREDICT_BLOCKS_PER_THREAD * block,
-            "solve": scatter, "crossval": CROSSVAL_SCATTERS * scatter}
+            "solve": scatter, "crossval": crossval_scatters(plan.penalty_grid) * scatter}
 
 
 # -- for people ---------------------------------------------------------------------

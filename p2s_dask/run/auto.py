@@ -26,14 +26,15 @@ What it costs
 - the folds: a file run writes each fold's statistics into its work store
   as it is merged (``K`` F x F float64 per group on disk, removed with the
   work store) and reads them back one at a time; the in-memory API keeps
-  them when ``K +`` :data:`~p2s_dask.planning.plan.CROSSVAL_SCATTERS` of
+  them when ``K +`` :func:`~p2s_dask.planning.plan.crossval_scatters` of
   them fit its budget, else computes each fold's statistics again when it
   is scored (a second statistics pass, one group at a time);
 - the scoring, in this process: per fold and radius one training fit
   (:func:`~p2s_dask.core.solve.fit_ridge`; beyond 5 penalties one
   eigendecomposition serves them all), about ``K`` solves at radius ``R``;
-- memory: the total, one fold and the training matrix with its factors:
-  :data:`~p2s_dask.planning.plan.CROSSVAL_SCATTERS` F x F per group.
+- memory: the total, one fold and the training matrix its solve inverts
+  in place (and the eigenvectors serving a grid of penalties):
+  :func:`~p2s_dask.planning.plan.crossval_scatters` F x F of a group.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from ..core import Stats, merge, patch_size
 from ..core.crossval import block_folds, choose, penalty_grid, score_group, sub_features
 from ..errors import DataError, InputError
 from ..graph.engine import IN_MEMORY_BUDGET, Summary, fold_summaries
-from ..planning.plan import CROSSVAL_SCATTERS
+from ..planning.plan import crossval_scatters
 
 __all__ = ["add_fold", "choice_line", "choose_in_memory", "chosen_stats", "decide",
            "fitted_setting", "fold_labels", "sidecar_record"]
@@ -178,11 +179,12 @@ def chosen_stats(totals, radius, chosen) -> list:
 
 # -- the in-memory API ---------------------------------------------------------
 
-def _holds_folds(groups, radius, n_folds) -> bool:
+def _holds_folds(groups, auto, n_folds) -> bool:
     """Whether every fold's statistics fit the in-memory budget beside the
     scoring's own matrices."""
-    scatters = sum(8 * (len(g.indices) * patch_size(radius)) ** 2 for g in groups if g.denoise)
-    return (n_folds + CROSSVAL_SCATTERS) * scatters <= IN_MEMORY_BUDGET
+    scatters = sum(8 * (len(g.indices) * patch_size(auto.radius)) ** 2
+                   for g in groups if g.denoise)
+    return (n_folds + crossval_scatters(auto.penalty_grid)) * scatters <= IN_MEMORY_BUDGET
 
 
 def _checked(summary: Summary) -> Summary:
@@ -205,7 +207,7 @@ def choose_in_memory(executor, arr, spec, check_finite: bool, lanes: int):
     auto = spec.auto
     labels = fold_labels(tuple(len(c) for c in arr.chunks[:3]), auto.n_folds)
     n_folds = int(labels.max()) + 1
-    hold = _holds_folds(spec.groups, auto.radius, n_folds)
+    hold = _holds_folds(spec.groups, auto, n_folds)
     threads = lanes if any(auto.radius) else None  # as the statistics of a run
     total, held = None, []
     for graph in fold_summaries(arr, spec.groups, auto.radius, spec.mask, labels,

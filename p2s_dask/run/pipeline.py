@@ -345,7 +345,8 @@ def plan_for(run: Run, executor):
     settings = Settings(run.radius, bool(run.shift or run.fit_scale), run.opts.chunks,
                         is_local(run.work_url), run.budget,
                         folds=run.auto.n_folds if run.auto is not None else 0,
-                        scratch_free=free_disk(run.work_url))
+                        scratch_free=free_disk(run.work_url),
+                        penalty_grid=run.auto is not None and run.auto.penalty_grid)
     return make_plan(data, Endpoint(run.in_kind, str(run.inp), is_local(run.inp)),
                      Endpoint(run.out_kind, str(run.out), is_local(run.out)), workers,
                      settings)

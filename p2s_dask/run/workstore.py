@@ -17,9 +17,9 @@ cover (their bounds), not by a grid index.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
+import zipfile
 
 import numpy as np
 
@@ -217,9 +217,13 @@ class WorkStore:
         if not self.has(name):
             return None
         try:
-            with np.load(io.BytesIO(self.read_bytes(name)), allow_pickle=False) as npz:
+            # from the file, not from its bytes read whole: each array is
+            # read into place (a fold's statistics at radius 1 are 0.5 GB,
+            # held twice through a buffer)
+            with self.fs.open(self._p(name), "rb") as fh, \
+                    np.load(fh, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-        except (ValueError, OSError, KeyError):
+        except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile):
             return None  # damaged: recomputed
 
     def save_array(self, name, array) -> None:
