@@ -184,6 +184,11 @@ class Settings:
     penalty_grid : bool
         The cross-validation scores a grid of ridge penalties (``alpha``
         'auto').
+    client_threads : int
+        Cores this process may use for the passes it runs alone (the solve,
+        the cross-validation): the user's threads, else every core. The same
+        whatever the executor, so that the solve gives the same bits on
+        threads and on a cluster.
     scratch_free : int, optional
         Bytes free on the work store's disk (None: unknown, or not a disk
         of this machine).
@@ -197,6 +202,7 @@ class Settings:
     folds: int = 0
     scratch_free: int | None = None
     penalty_grid: bool = False
+    client_threads: int = 1
 
 
 # -- the plan ---------------------------------------------------------------------
@@ -217,7 +223,8 @@ class Pass:
         the process holds anyway), or for a pass of this process the budget
         it is given.
     threads : int
-        Threads per worker the pass may use (0: a pass of this process).
+        Threads per worker the pass may use; for a pass of this process
+        (``where='client'``) the BLAS threads of its solves (0: none given).
     lanes : int
         Chains the statistics are summed along, over all workers.
     where : str
@@ -261,6 +268,8 @@ class Plan:
         crossval pass chooses the radius and penalty of the passes after it.
     penalty_grid : bool
         The crossval pass scores a grid of penalties (:class:`Settings`).
+    client_threads : int
+        BLAS threads of the solves this process runs alone (:class:`Settings`).
     keep_predictions : bool
         With a patch, the minima pass keeps its predictions (before the
         intercept) in the work store and the prediction pass shifts and
@@ -284,6 +293,7 @@ class Plan:
     folds: int = 0
     keep_predictions: bool = False
     penalty_grid: bool = False
+    client_threads: int = 1
 
     @property
     def grid(self) -> tuple:
@@ -541,7 +551,8 @@ def make_plan(data: Data, inp: Endpoint, out: Endpoint, workers: Workers,
     client = int(settings.client_memory or workers.memory)
     plan = Plan(shape, int(itemsize), radius, tuple(chunks), modes.input, modes.output,
                 (), int(workers.memory), threads, int(workers.count), client,
-                modes.held_input, modes.held_output)
+                modes.held_input, modes.held_output,
+                client_threads=max(1, int(settings.client_threads)))
     if settings.folds:
         # no more folds than blocks (the user's chunks may be few)
         plan = replace(plan, folds=min(int(settings.folds), plan.n_blocks),
@@ -600,8 +611,9 @@ def plan_passes(plan: Plan, lanes: int, minima: bool) -> tuple:
                        plan.workers * lanes))
     if plan.folds:
         passes.append(Pass("crossval", 0, plan.held_input + work["crossval"],
-                           where="client"))
-    passes.append(Pass("solve", 0, plan.held_input + work["solve"], where="client"))
+                           plan.client_threads, where="client"))
+    passes.append(Pass("solve", 0, plan.held_input + work["solve"], plan.client_threads,
+                       where="client"))
     if minima:
         passes.append(Pass("minima", blocks, plan.held_input + work["minima"], threads))
     passes.append(Pass("predict", blocks, plan.held + work["predict"], threads))
@@ -707,7 +719,8 @@ def describe(plan: Plan) -> list:
 
 def _describe_pass(p: Pass) -> str:
     if p.where == "client":
-        return f"{p.name}: in this process, {human_bytes(p.memory)}"
+        solves = f", {p.threads} BLAS threads" if p.threads else ""
+        return f"{p.name}: in this process, {human_bytes(p.memory)}{solves}"
     text = f"{p.name}: {p.tasks} tasks, {human_bytes(p.memory)} per worker, " \
            f"{p.threads} threads per worker"
     return text + (f", {p.lanes} lanes" if p.name == "statistics" else "")

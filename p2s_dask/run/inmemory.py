@@ -35,10 +35,10 @@ from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.postprocess import intensity_shift
 from ..graph.engine import (DenoiseSpec, FittedModels, Summary, _clip_negatives, _interior,
                             _one_key, _RunningMin, as_chunked, fit_models, in_memory_sizes,
-                            summarize, with_halo)
+                            local_threads, summarize, with_halo)
 from .auto import choice_line, choose_in_memory, chosen_stats, fitted_setting
 from .executors import chunk_grid, contiguous, current_executor
-from .threads import OneBlasThread
+from .threads import OneBlasThread, solving_blas
 
 __all__ = ["DenoiseSpec", "block_order", "denoise_into", "prediction_chunks"]
 
@@ -200,9 +200,11 @@ def _fit(executor, arr: da.Array, spec: DenoiseSpec, check_finite: bool):
         graph = summarize(arr, spec.groups, radius, spec.mask, check_finite, lanes=lanes)
         # with a patch, no more threads than lanes (see run.passes.statistics)
         summary = executor.compute(graph, threads=lanes if any(radius) else None)
-    # the summary came back to this process and is read by nothing else
-    return fit_models(summary, spec.groups, spec.radius, spec.model, spec.alpha,
-                      spec.calc_dtype, spend=True), spec
+    # the summary came back to this process and is read by nothing else; the
+    # solve runs alone here, on the cores a file run's solve gets
+    with solving_blas(local_threads()):
+        return fit_models(summary, spec.groups, spec.radius, spec.model, spec.alpha,
+                          spec.calc_dtype, spend=True), spec
 
 
 def _predict(executor, pieces: da.Array, target, fitted, spec: DenoiseSpec):

@@ -44,6 +44,7 @@ from ..report import summaries as qc_summaries
 from ..config.validate import describe_nonfinite
 from . import auto
 from .provenance import result_fingerprint
+from .threads import solving_blas
 from .workstore import stats_from_arrays, stats_to_arrays
 
 logger = logging.getLogger("p2s_dask")
@@ -343,9 +344,10 @@ def crossval_pass(state: Execution, step: Pass) -> None:
         state.report.resumed.append("cross-validation")
         record = json.loads(work.read_bytes("crossval.json"))
     else:
-        record = auto.decide(run.auto, state.summary.stats,
-                             lambda k, i: _fold_group(work, k, i), run.groups,
-                             state.plan.folds)
+        with solving_blas(step.threads):
+            record = auto.decide(run.auto, state.summary.stats,
+                                 lambda k, i: _fold_group(work, k, i), run.groups,
+                                 state.plan.folds)
         work.write_bytes("crossval.json", json.dumps(record).encode())
     logger.info("%s", auto.choice_line(record))
     radius, model, alpha = auto.fitted_setting(record, run.alpha)
@@ -362,8 +364,9 @@ def solve_pass(state: Execution, step: Pass) -> None:
     run = state.run
     # the summary is saved in the work store and read by nothing else: its
     # scatters are inverted in place
-    state.fitted = engine.fit_models(state.summary, run.groups, run.radius, run.model,
-                                     run.alpha, run.calc_dtype, spend=True)
+    with solving_blas(step.threads):
+        state.fitted = engine.fit_models(state.summary, run.groups, run.radius, run.model,
+                                         run.alpha, run.calc_dtype, spend=True)
     state.summary = None
 
 

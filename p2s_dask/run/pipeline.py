@@ -48,6 +48,7 @@ from ..planning.manifest import canonical
 from ..planning.paths import QC_SECTION, qc_targets, run_manifest, work_url
 from .lock import output_lock
 from .threads import single_threaded_blas
+from ..graph.engine import local_threads
 from ..config.validate import (auto_settings, check_bvals, check_fit_voxels, check_options,
                                check_precision, check_shape)
 from .workstore import WorkStore, content_hash, fingerprint
@@ -346,7 +347,8 @@ def plan_for(run: Run, executor):
                         is_local(run.work_url), run.budget,
                         folds=run.auto.n_folds if run.auto is not None else 0,
                         scratch_free=free_disk(run.work_url),
-                        penalty_grid=run.auto is not None and run.auto.penalty_grid)
+                        penalty_grid=run.auto is not None and run.auto.penalty_grid,
+                        client_threads=run.opts.threads or local_threads())
     return make_plan(data, Endpoint(run.in_kind, str(run.inp), is_local(run.inp)),
                      Endpoint(run.out_kind, str(run.out), is_local(run.out)), workers,
                      settings)
