@@ -316,6 +316,9 @@ def _fold_statistics(state: Execution, step: Pass):
                 return part  # reported by the caller
             _save_fold(work, k, part)
         total = auto.add_fold(total, part)
+        # let the fold's F x F go before the next fold is summed (the total
+        # holds what it needs): else three F x F live beside the lanes
+        del part
     if reused:
         state.report.resumed.append(f"statistics of {reused} of {len(graphs)} folds")
     return total
