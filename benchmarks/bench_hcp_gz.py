@@ -162,9 +162,15 @@ def ensure_data(work: Path, params: dict) -> Path:
 # runs
 
 
-def denoise_args(radius: int, extra) -> list:
+def denoise_args(radius, extra) -> list:
     # DIPY's version 3 (the CLI's default) is radius 0 only
-    return ["--patch-radius", str(radius)] + (["--ver", "1"] if radius else []) + list(extra)
+    return ["--patch-radius", str(radius)] + (["--ver", "1"] if radius != 0 else []) \
+        + list(extra)
+
+
+def radius_arg(text):
+    """A patch radius, or 'auto' (chosen by the run, up to radius 1)."""
+    return "auto" if text == "auto" else int(text)
 
 
 def one_run(src, work, radius, args, bvals):
@@ -176,8 +182,11 @@ def one_run(src, work, radius, args, bvals):
         print(f"warning: the run resumed earlier work ({', '.join(res['resumed'])}): "
               "its time is not a whole run", flush=True)
     print(f"  {res['wall_s']:.1f} s; measuring the compute floor ...", flush=True)
+    # 'auto' sums its statistics at radius 1 whatever it chooses: the floor
+    # of a radius-1 run
     compute = floor_of_run(res, out, bvals, integer=False,
-                           max_seconds=args.floor_seconds or None)
+                           max_seconds=args.floor_seconds or None,
+                           radius=(1, 1, 1) if radius == "auto" else None)
     res["output_bytes"] = out.stat().st_size
     if not args.keep:
         base = str(out)[: -len(".nii.gz")]
@@ -212,8 +221,9 @@ def main(argv=None):
     p.add_argument("--shells", type=float, nargs="+", default=[1000.0, 2000.0])
     p.add_argument("--sigma", type=float, default=30.0, help="noise level (default 30)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--radius", type=int, nargs="+", default=[0],
-                   help="patch radii to run, one run each (default 0)")
+    p.add_argument("--radius", type=radius_arg, nargs="+", default=[0],
+                   help="patch radii to run, one run each (default 0; 'auto': chosen by "
+                        "the run, its floor that of radius 1)")
     p.add_argument("--memory-limit", default="2GiB")
     p.add_argument("--workdir", default="/tmp/p2s_hcp")
     p.add_argument("--keep", action="store_true", help="keep the outputs (the input is "

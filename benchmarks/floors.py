@@ -627,15 +627,18 @@ def run_options(out) -> dict:
 
 
 def floor_of_run(report: dict, out, bvals, *, integer: bool,
-                 max_seconds: float | None = 20.0) -> dict:
+                 max_seconds: float | None = 20.0, radius=None) -> dict:
     """The compute floor of the CLI run that wrote ``out`` and ``report``
     (its ``--report-json``): its shape, chunks, threads, radius, mask,
-    groups and prediction arithmetic, timed on this machine now."""
+    groups and prediction arithmetic, timed on this machine now. ``radius``
+    overrides the run's (e.g. a run that chose it: the floor of the largest
+    radius it scored)."""
     opts = run_options(out)
     if opts.get("groups"):
         raise ValueError("the compute floor knows the b0 / DWI groups only")
-    radius = list(opts["patch_radius"])
-    radius = tuple(radius * 3 if len(radius) == 1 else radius)
+    if radius is None:
+        radius = list(opts["patch_radius"])
+        radius = tuple(radius * 3 if len(radius) == 1 else radius)
     mask_voxels = None
     if opts.get("mask"):
         import nibabel as nib
