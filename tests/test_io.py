@@ -769,3 +769,33 @@ def test_full_disk_is_reported_before_any_work(tmp_path, monkeypatch):
     out = tmp_path / "sparse.nii"
     create_nifti(str(out), meta)
     np.testing.assert_array_equal(np.asanyarray(nib.load(str(out)).dataobj), data)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_read_with_halo_is_the_zero_padded_image(tmp_path, scaled):
+    """A region with its halo, read straight from the file, equals the
+    zero-padded image (nibabel's values) cut around it: at the borders, inside,
+    with a scaled integer file (zeros beyond the image are zero values, not
+    the intercept); volume-major."""
+    import nibabel as nib
+
+    from p2s_dask.io.nifti_direct import read_meta, read_with_halo
+
+    rng = np.random.default_rng(4)
+    data = rng.integers(0, 3000, (9, 7, 6, 5)).astype(np.int16)
+    img = nib.Nifti1Image(data, np.eye(4))
+    if scaled:
+        img.header.set_slope_inter(0.5, 3.0)
+    path = tmp_path / "d.nii"
+    nib.save(img, str(path))
+    values = np.asanyarray(nib.load(str(path)).dataobj) if scaled else data
+    meta = read_meta(str(path))
+    radius = (1, 2, 1)
+    padded = np.pad(values, [(r, r) for r in radius] + [(0, 0)])
+    for region in [(slice(0, 9), slice(0, 7), slice(0, 2)),
+                   (slice(0, 9), slice(0, 7), slice(2, 4)),
+                   (slice(3, 6), slice(2, 7), slice(4, 6))]:
+        got = read_with_halo(str(path), meta, region, radius)
+        want = padded[tuple(slice(s.start, s.stop + 2 * r) for s, r in zip(region, radius))]
+        assert got.flags.f_contiguous and got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)

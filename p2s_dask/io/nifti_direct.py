@@ -135,6 +135,27 @@ def _read_block(path, meta, region):
     return block
 
 
+def read_with_halo(path, meta: DwiMeta, region, radius) -> np.ndarray:
+    """The values of ``region`` with a ``radius`` halo (zeros beyond the
+    image), volume-major, read straight from a local ``.nii``.
+
+    What Dask's overlap gives from the blocks of :func:`open_nifti`, without
+    reading the neighbouring blocks whole and without its C-ordered
+    assembly (a transposing copy of every block: measured about a tenth of
+    a radius-1 prediction's time).
+    """
+    lo = [max(s.start - r, 0) for s, r in zip(region, radius)]
+    hi = [min(s.stop + r, n) for s, r, n in zip(region, radius, meta.shape)]
+    values = meta.apply_scaling(
+        _read_block(path, meta, tuple(slice(a, b) for a, b in zip(lo, hi)) + (slice(None),)))
+    shape = tuple(s.stop - s.start + 2 * r for s, r in zip(region, radius))
+    out = np.zeros(shape + (meta.shape[3],), dtype=values.dtype, order="F")
+    at = tuple(slice(a - (s.start - r), b - (s.start - r))
+               for a, b, s, r in zip(lo, hi, region, radius))
+    out[at] = values
+    return out
+
+
 def _read_exactly(fd, buf, offset, path):
     done = 0
     while done < len(buf):

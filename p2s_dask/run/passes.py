@@ -31,7 +31,7 @@ from ..core.postprocess import fit_slope, intensity_shift, outside_range
 from ..errors import DataError, InputError
 from ..io import nifti_to_zarr, open_dwi
 from ..io.malloc import return_freed_memory, reuse_freed_memory
-from ..io.nifti_direct import open_nifti
+from ..io.nifti_direct import open_nifti, read_with_halo
 from ..io.nifti_memory import as_blocks, read_whole
 from ..io.sidecars import write_sidecars
 from ..io.urls import describe_error, is_local, local_path
@@ -441,12 +441,25 @@ def _kept_range(state: Execution):
     saves the block's products and returns its range, merged in a tree."""
     plan, work = state.plan, state.work
     work.makedirs(KEPT_FOLDER)
-    blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
     fitted = dask.delayed(state.fitted, pure=True)
     keep = dask.delayed(_keep_task, pure=False)
-    tasks = [keep(blocks[idx + (0,)], fitted, plan.radius, work, region_key(region))
-             for idx, region in plan.regions()]
+    tasks = [keep(block, fitted, plan.radius, work, region_key(region))
+             for block, region in _halo_blocks(state)]
     return _merge_tree(tasks, _range_of)
+
+
+def _halo_blocks(state: Execution):
+    """``(block with its halo, region)`` of every chunk: a plain local
+    ``.nii`` read region by region with the halo, volume-major (see
+    :func:`~p2s_dask.io.nifti_direct.read_with_halo`), else Dask's overlap
+    of the pass's blocks."""
+    plan = state.plan
+    if plan.input_mode is InputMode.IN_PLACE:
+        read = dask.delayed(read_with_halo, pure=True)
+        path, meta = local_path(state.run.inp), state.run.meta
+        return [(read(path, meta, region, plan.radius), region) for _, region in plan.regions()]
+    blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
+    return [(blocks[idx + (0,)], region) for idx, region in plan.regions()]
 
 
 def post_processing(run, fitted, lowest, highest) -> Post:
