@@ -50,7 +50,7 @@ from ..core import Stats, merge, patch_size
 from ..core.crossval import block_folds, choose, penalty_grid, score_group, sub_features
 from ..errors import DataError, InputError
 from ..graph.engine import IN_MEMORY_BUDGET, Summary, fold_summaries, local_threads
-from ..planning.plan import crossval_scatters
+from ..planning.plan import crossval_scatters, solve_threads
 from .threads import solving_blas
 
 __all__ = ["add_fold", "choice_line", "choose_in_memory", "chosen_stats", "decide",
@@ -226,7 +226,7 @@ def choose_in_memory(executor, arr, spec, check_finite: bool, lanes: int):
 
     # the scoring runs alone here (a fold computed again runs its tasks
     # first), on the cores a file run's scoring gets
-    with solving_blas(local_threads()):
+    with solving_blas(solve_threads(auto.radius, local_threads())):
         return total, decide(auto, total.stats, fold_of, spec.groups, n_folds)
 
 

@@ -39,6 +39,7 @@ from ..graph.engine import (DenoiseSpec, FittedModels, Summary, _clip_negatives,
 from .auto import choice_line, choose_in_memory, chosen_stats, fitted_setting
 from .executors import chunk_grid, contiguous, current_executor
 from .threads import OneBlasThread, solving_blas
+from ..planning.plan import solve_threads
 
 __all__ = ["DenoiseSpec", "block_order", "denoise_into", "prediction_chunks"]
 
@@ -202,7 +203,7 @@ def _fit(executor, arr: da.Array, spec: DenoiseSpec, check_finite: bool):
         summary = executor.compute(graph, threads=lanes if any(radius) else None)
     # the summary came back to this process and is read by nothing else; the
     # solve runs alone here, on the cores a file run's solve gets
-    with solving_blas(local_threads()):
+    with solving_blas(solve_threads(spec.radius, local_threads())):
         return fit_models(summary, spec.groups, spec.radius, spec.model, spec.alpha,
                           spec.calc_dtype, spend=True), spec
 
