@@ -728,7 +728,7 @@ def describe(plan: Plan) -> list:
 
 def _describe_pass(p: Pass) -> str:
     if p.where == "client":
-        solves = f", {p.threads} BLAS threads" if p.threads else ""
+        solves = f", {p.threads} BLAS thread{'s' * (p.threads > 1)}" if p.threads else ""
         return f"{p.name}: in this process, {human_bytes(p.memory)}{solves}"
     text = f"{p.name}: {p.tasks} tasks, {human_bytes(p.memory)} per worker, " \
            f"{p.threads} threads per worker"
