@@ -42,7 +42,7 @@ from ..planning.chunking import chunk_policy, patch_lanes
 from ..planning.plan import fold_chunks
 from ..errors import InputError
 from ..config.groups import Group
-from ..run.threads import OneBlasThread
+from ..run.threads import task_blas
 from ..config.validate import describe_nonfinite
 
 TREE_FAN_IN = 8
@@ -283,7 +283,7 @@ def aligned(block: np.ndarray) -> np.ndarray:
 def _summarize_block(block, mask, origin, spec: _StatsSpec) -> Summary:
     # one BLAS thread wherever the task runs: the thread count may change the
     # order of float sums, and a run must give the same bits on any executor
-    with OneBlasThread():
+    with task_blas():
         return _block_summary(block, mask, origin, spec)
 
 
@@ -352,6 +352,11 @@ def _merge_summaries(*items: Summary) -> Summary:
     and is released once that merge has run, so nothing else sees it (and a
     merge holds two F x F scatters at once, not three).
     """
+    with task_blas():  # a task of its own: the merges' rank-1 updates
+        return _merged_in_first(items)
+
+
+def _merged_in_first(items) -> Summary:
     out = items[0]
     for s in items[1:]:
         first = out.first_nonfinite
@@ -409,7 +414,7 @@ def _lane_step(lane, block, mask, origin, spec: _StatsSpec) -> Summary:
     group (compact: no F x F matrix, however many blocks), other statistics
     are merged in place; ``lane`` is spent (see :func:`_merge_summaries`).
     """
-    with OneBlasThread():
+    with task_blas():
         if lane is not None and lane.nonfinite:
             # the run stops with an error: only the census goes on
             census = _block_summary(block, mask, origin, replace(spec, groups=()))
@@ -429,7 +434,8 @@ def _lane_step(lane, block, mask, origin, spec: _StatsSpec) -> Summary:
 def _lane_finish(lane: Summary) -> Summary:
     """The lanes' merged summary with its lag parts turned into
     :class:`Stats` (each F x F scatter formed here, once)."""
-    lane.stats = [s.stats() if isinstance(s, LagParts) else s for s in lane.stats]
+    with task_blas():  # each scatter is formed by matrix products
+        lane.stats = [s.stats() if isinstance(s, LagParts) else s for s in lane.stats]
     return lane
 
 
@@ -658,14 +664,14 @@ def _clip_negatives(piece):
 
 def _predict_min_chunk(block, fitted: FittedModels, radius):
     block = aligned(block)  # as every task's block: see aligned()
-    with OneBlasThread():
+    with task_blas():
         lowest = block_prediction_minima(block, radius, fitted.plan, dtype=fitted.calc_dtype)
     return lowest.reshape(1, 1, 1, -1)
 
 
 def _predict_range_chunk(block, fitted: FittedModels, radius):
     block = aligned(block)
-    with OneBlasThread():
+    with task_blas():
         both = block_prediction_range(block, radius, fitted.plan, dtype=fitted.calc_dtype)
     return both.reshape(1, 1, 1, 2, -1)
 
@@ -725,7 +731,7 @@ def predict_chunk(block, fitted: FittedModels, radius, shift, cast: Cast, out=No
                        dtype=cast.dtype, order=rows_order(block))
     # the shift rides along with the intercept; the cast happens as values
     # are stored
-    with OneBlasThread():
+    with task_blas():
         return predict_block(block, radius, fitted.plan.shifted(shift),
                              dtype=fitted.calc_dtype,
                              transform=_post(cast.clip, cast.scale, counter), out=out)
@@ -737,7 +743,7 @@ def kept_prediction_range(block, fitted: FittedModels, radius, keep) -> np.ndarr
     prediction whose products (before the intercept) go to ``keep`` for
     :func:`finish_chunk` (the prediction pass then computes none)."""
     block = aligned(block)
-    with OneBlasThread():
+    with task_blas():
         products = predict_block(block, radius, fitted.plan.products_only(),
                                  dtype=fitted.calc_dtype)
     keep(products)

@@ -30,6 +30,7 @@ import uuid
 
 from ..config.budget import DEFAULT_MEMORY_LIMIT  # the one default of every front
 from ..errors import InputError
+from .threads import pin_one_blas_thread, single_threaded_blas
 
 SCHEDULER_ENV = "P2S_DASK_SCHEDULER"
 DASK_SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
@@ -295,7 +296,8 @@ class ThreadsExecutor(Executor):
         import dask
         from dask.diagnostics import ProgressBar
 
-        with _stage(desc, progress) as tty:
+        # the tasks run in this process: it holds one BLAS thread for them
+        with _stage(desc, progress) as tty, single_threaded_blas():
             bar = ProgressBar(width=40, out=sys.stderr) if tty else contextlib.nullcontext()
             with bar:
                 (result,) = dask.compute(collection, **self._kwargs(threads))
@@ -331,7 +333,7 @@ class ThreadsExecutor(Executor):
                 placed.add(i)
                 place(i, result)
 
-        with Callback(posttask=posttask):
+        with Callback(posttask=posttask), single_threaded_blas():
             results = dask.compute(*tasks, **self._kwargs())
         for i, result in enumerate(results):
             if i not in placed:
@@ -375,6 +377,7 @@ class DistributedExecutor(Executor):
         self.n_workers = len(workers)
         self.memory_per_worker, self.threads_per_worker = worker_budget(
             workers.values(), _check_memory(memory_limit))
+        _pin_workers_blas(client)
 
     @property
     def total_threads(self) -> int:
@@ -441,6 +444,26 @@ class DistributedExecutor(Executor):
     def run(self, fn, *args, **kwargs) -> dict:
         """``fn(*args, **kwargs)`` on every worker, results by worker address."""
         return self.client.run(fn, *args, **kwargs)
+
+
+def _pin_workers_blas(client) -> None:
+    """Every worker process of the cluster, now and joining later, on one
+    BLAS thread for its life (see :mod:`.threads`); workers in this process
+    run under the caller's :func:`~.threads.single_threaded_blas` instead,
+    which also leaves the solve here its own count."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class OneBlasThreadPerWorker(WorkerPlugin):
+        name = "p2s-dask-one-blas-thread"
+
+        def __init__(self, client_pid):
+            self.client_pid = client_pid
+
+        def setup(self, worker):
+            if os.getpid() != self.client_pid:
+                pin_one_blas_thread()
+
+    client.register_plugin(OneBlasThreadPerWorker(os.getpid()))
 
 
 def worker_budget(workers, memory_limit: int) -> tuple[int, int]:

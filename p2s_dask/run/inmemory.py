@@ -38,7 +38,7 @@ from ..graph.engine import (DenoiseSpec, FittedModels, Summary, _clip_negatives,
                             local_threads, summarize, with_halo)
 from .auto import choice_line, choose_in_memory, chosen_stats, fitted_setting
 from .executors import chunk_grid, contiguous, current_executor
-from .threads import OneBlasThread, solving_blas
+from .threads import solving_blas, task_blas
 from ..planning.plan import solve_threads
 
 __all__ = ["DenoiseSpec", "block_order", "denoise_into", "prediction_chunks"]
@@ -135,7 +135,7 @@ def _predict_piece(block, fitted: FittedModels, spec: _Pass) -> _Piece:
     """One prediction task: its block's values (shifted, clipped, cast to
     ``spec.dtype``) and/or the per-volume minima of the unshifted
     prediction."""
-    with OneBlasThread():
+    with task_blas():
         block = contiguous(block, rows_order(block))
         if spec.dtype is None:
             lowest = block_prediction_minima(block, spec.radius, fitted.plan,
