@@ -184,3 +184,35 @@ def test_the_plan_keeps_predictions_only_where_they_pay_and_fit():
 def test_free_disk_of_a_missing_folder_is_its_parents(tmp_path):
     assert pipeline.free_disk(str(tmp_path / "a" / "b.p2s-work")) > 0
     assert pipeline.free_disk("s3://bucket/work") is None
+
+
+@pytest.mark.parametrize("radius", ["0", "1"])
+def test_every_prediction_pass_reads_a_plain_nii_with_its_halo(scan, tmp_path, monkeypatch,
+                                                               radius):
+    """Without room to keep, the minima and the prediction pass of a plain
+    ``.nii`` each read every block with its halo straight from the file
+    (``read_with_halo``): the bytes of the same image as ``.nii.gz``, whose
+    blocks come through Dask's overlap."""
+    gz = tmp_path / "same.nii.gz"
+    nib.save(nib.load(str(scan)), str(gz))
+    (tmp_path / "same.bval").write_text(scan.with_suffix(".bval").read_text())
+    monkeypatch.setattr(pipeline, "free_disk", _no_disk)
+    reads = []
+    real = passes.read_with_halo
+
+    def counted(*args):
+        reads.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(passes, "read_with_halo", counted)
+
+    def run(inp, out):
+        code = main(["denoise", str(inp), str(out), "--patch-radius", radius, "--ver", "1",
+                     "--chunks", CHUNKS, "--quiet", "--out-dtype", "int16"])
+        assert code == 0
+        return nib.load(str(out)).dataobj.get_unscaled()
+
+    from_file = run(scan, tmp_path / "a.nii")
+    assert len(reads) == 2 * 27  # the minima pass, then the prediction pass
+    assert np.array_equal(from_file, run(gz, tmp_path / "b.nii"))
+    assert len(reads) == 2 * 27  # none for the .nii.gz

@@ -36,7 +36,6 @@ from ..core.lagstats import lag_block_stats, lags_pay_off
 from ..core.layout import rows_order, voxel_rows
 from ..core.postprocess import intensity_shift
 from ..core.predict import combine, finish_products, with_intercept
-from ..core.predict import prediction_minima as block_prediction_minima
 from ..core.predict import prediction_range as block_prediction_range
 from ..planning.chunking import chunk_policy, patch_lanes
 from ..planning.plan import fold_chunks
@@ -662,18 +661,22 @@ def _clip_negatives(piece):
     return np.maximum(piece, 0.0, out=piece)
 
 
-def _predict_min_chunk(block, fitted: FittedModels, radius):
+def block_range(block, fitted: FittedModels, radius, highest=True) -> np.ndarray:
+    """Per-volume ``(minimum, maximum)``, shape ``(2, n)``, of the unshifted
+    prediction of one block with its halo (the maximum only when
+    ``highest``, else -inf): one task of a minima pass."""
     block = aligned(block)  # as every task's block: see aligned()
     with task_blas():
-        lowest = block_prediction_minima(block, radius, fitted.plan, dtype=fitted.calc_dtype)
-    return lowest.reshape(1, 1, 1, -1)
+        return block_prediction_range(block, radius, fitted.plan, dtype=fitted.calc_dtype,
+                                      highest=highest)
+
+
+def _predict_min_chunk(block, fitted: FittedModels, radius):
+    return block_range(block, fitted, radius, highest=False)[0].reshape(1, 1, 1, -1)
 
 
 def _predict_range_chunk(block, fitted: FittedModels, radius):
-    block = aligned(block)
-    with task_blas():
-        both = block_prediction_range(block, radius, fitted.plan, dtype=fitted.calc_dtype)
-    return both.reshape(1, 1, 1, 2, -1)
+    return block_range(block, fitted, radius).reshape(1, 1, 1, 2, -1)
 
 
 class Outside:

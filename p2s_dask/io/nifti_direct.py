@@ -148,6 +148,8 @@ def read_with_halo(path, meta: DwiMeta, region, radius) -> np.ndarray:
     hi = [min(s.stop + r, n) for s, r, n in zip(region, radius, meta.shape)]
     values = meta.apply_scaling(
         _read_block(path, meta, tuple(slice(a, b) for a, b in zip(lo, hi)) + (slice(None),)))
+    if not any(radius):
+        return values  # the region itself: no halo to place
     shape = tuple(s.stop - s.start + 2 * r for s, r in zip(region, radius))
     out = np.zeros(shape + (meta.shape[3],), dtype=values.dtype, order="F")
     at = tuple(slice(a - (s.start - r), b - (s.start - r))

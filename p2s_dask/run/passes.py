@@ -236,6 +236,13 @@ def _blocks(state: Execution):
         if plan.input_mode not in SOURCES:
             raise ValueError(f"a file run cannot read a {plan.input_mode.value} input")
         state.values = SOURCES[plan.input_mode](state, plan.pass_named("input"))
+    _tune_allocator(plan, run)
+    state.arr = engine.as_chunked(state.values, plan.chunks, plan.radius)
+    return state.arr
+
+
+def _tune_allocator(plan: Plan, run) -> None:
+    """Set this process's allocator for the blocks the passes will hold."""
     if not any(plan.radius):
         # every task allocates a block and its prediction of the same size:
         # let the allocator hand freed ones back instead of fresh pages
@@ -245,8 +252,6 @@ def _blocks(state: Execution):
         # buffers come in many sizes: give freed ones back rather than keep
         # the process at its high-water mark
         return_freed_memory()
-    state.arr = engine.as_chunked(state.values, plan.chunks, plan.radius)
-    return state.arr
 
 
 def _scratch_dir(run, work):
@@ -395,18 +400,12 @@ def minima_pass(state: Execution, step: Pass) -> None:
         state.report.resumed.append("minima")
         lowest, highest = saved["range"]
     else:
-        keeps = _keeps(state)
-        if keeps:
-            graph = _kept_range(state)
-        else:
-            graph = (engine.prediction_range if integer else engine.prediction_minima)(
-                _blocks(state), state.fitted, run.radius)
         with _errors("computing the minima"):
-            both = np.asarray(state.executor.compute(graph, "minima", run.opts.progress,
-                                                     threads=step.threads), float)
-        if keeps and not integer:
-            both = both[0]  # as prediction_minima: the range's lower half
-        lowest, highest = both if integer else (both, np.full_like(both, np.inf))
+            lowest, highest = np.asarray(state.executor.compute(
+                _range_graph(state, integer), "minima", run.opts.progress,
+                threads=step.threads), float)
+        if not integer:
+            highest = np.full_like(lowest, np.inf)  # not needed: no bound
         work.save_arrays("range.npz", range=np.stack([lowest, highest]))
     state.post = post_processing(run, state.fitted, lowest, highest)
 
@@ -436,25 +435,34 @@ def _range_of(*items):
     return np.stack([both[:, 0].min(axis=0), both[:, 1].max(axis=0)])
 
 
-def _kept_range(state: Execution):
-    """The minima pass that keeps its predictions: one task per block
-    saves the block's products and returns its range, merged in a tree."""
+def _range_graph(state: Execution, integer: bool):
+    """The minima pass: one task per block gives the range of its
+    prediction (the maximum only for an integer output), merged in a tree;
+    a pass that keeps its predictions saves each block's products too."""
     plan, work = state.plan, state.work
-    work.makedirs(KEPT_FOLDER)
     fitted = dask.delayed(state.fitted, pure=True)
-    keep = dask.delayed(_keep_task, pure=False)
-    tasks = [keep(block, fitted, plan.radius, work, region_key(region))
-             for block, region in _halo_blocks(state)]
+    if _keeps(state):
+        work.makedirs(KEPT_FOLDER)
+        keep = dask.delayed(_keep_task, pure=False)
+        tasks = [keep(block, fitted, plan.radius, work, region_key(region))
+                 for block, region in _halo_blocks(state)]
+    else:
+        task = dask.delayed(engine.block_range, pure=True)
+        tasks = [task(block, fitted, plan.radius, integer)
+                 for block, _ in _halo_blocks(state)]
     return _merge_tree(tasks, _range_of)
 
 
 def _halo_blocks(state: Execution):
-    """``(block with its halo, region)`` of every chunk: a plain local
-    ``.nii`` read region by region with the halo, volume-major (see
-    :func:`~p2s_dask.io.nifti_direct.read_with_halo`), else Dask's overlap
-    of the pass's blocks."""
+    """``(block with its halo, region)`` of every chunk of the plan, in its
+    order: the input as the prediction passes read it. A plain local
+    ``.nii`` is read region by region with the halo, volume-major (see
+    :func:`~p2s_dask.io.nifti_direct.read_with_halo`: no neighbouring
+    blocks assembled); other inputs come through Dask's overlap of the
+    pass's blocks."""
     plan = state.plan
     if plan.input_mode is InputMode.IN_PLACE:
+        _tune_allocator(plan, state.run)  # as _blocks (a resumed run reads no statistics)
         read = dask.delayed(read_with_halo, pure=True)
         path, meta = local_path(state.run.inp), state.run.meta
         return [(read(path, meta, region, plan.radius), region) for _, region in plan.regions()]
@@ -675,7 +683,6 @@ def _mark_done(work, key, clipped, parts, kept=False):
 def _write_tasks(state: Execution, post: Post, done, spec=None):
     """One task per chunk of the plan whose region is not done yet."""
     run, plan = state.run, state.plan
-    blocks = engine.with_halo(_blocks(state), plan.radius).to_delayed()
     how = dask.delayed(_Prediction(state.fitted, plan.radius, post, run.clip, run.out_dtype,
                                    spec))
     # the blocks whose products the minima pass kept: their tasks read no
@@ -683,11 +690,12 @@ def _write_tasks(state: Execution, post: Post, done, spec=None):
     kept = _kept_keys(state.work) if _keeps(state) and state.post is not None else set()
     write = dask.delayed(_write_chunk, pure=False)
     tasks = []
-    for idx, region in plan.regions():
+    for block, region in _halo_blocks(state):
         key = region_key(region)
         if key in done:
             continue
-        block = None if key in kept and spec is None else blocks[idx + (0,)]
+        if key in kept and spec is None:
+            block = None
         tasks.append(write(block, region, how, state.sink, state.work, key, key in kept))
     return tasks
 
