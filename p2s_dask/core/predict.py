@@ -225,7 +225,8 @@ def _row_products(rows, order, model, max_bytes, dtype):
     n_vox, m = rows.shape
     n_out = model.n_volumes
     weights = np.asarray(model.weights, dtype=dtype)
-    weights_t = np.ascontiguousarray(weights.T)
+    if order != "C":  # the transposed weights, in their own contiguous layout
+        weights = np.ascontiguousarray(weights.T)
     segments = block_segments(model.weights)
     step = piece_rows(max(m, n_out), dtype.itemsize, max_bytes)
     size = min(step, n_vox)
@@ -236,8 +237,7 @@ def _row_products(rows, order, model, max_bytes, dtype):
         k = piece.shape[0]
         x, y = xbuf[:k], ybuf[:k]
         np.copyto(x, piece, casting="unsafe")
-        _segment_products(x, weights if order == "C" else weights_t, segments, order,
-                          y if order == "C" else y.T)
+        _segment_products(x, weights, segments, order, y if order == "C" else y.T)
         yield j, y
 
 
