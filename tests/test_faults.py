@@ -64,8 +64,16 @@ def command(*args):
     return [sys.executable, "-m", "p2s_dask.fronts.cli", *map(str, args), "--quiet"]
 
 
+def _ctrl_c_as_at_a_terminal():
+    """In the child before exec: SIGINT back to its default. A pytest started
+    in the background (``cmd &``, ``nohup``) ignores SIGINT, and so would every
+    run it starts (an ignored signal is inherited), which no Ctrl-C reaches."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(*args, **env):
     return subprocess.Popen(command(*args), env=dict(os.environ, **env),
+                            preexec_fn=_ctrl_c_as_at_a_terminal,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -24,6 +24,12 @@ LINE = "p2s-dask: interrupted; rerun the same command to resume"
 DELAY = "0.5"
 
 
+def _ctrl_c_as_at_a_terminal():
+    """In the child: SIGINT at its default, whatever this pytest inherited
+    (one started in the background ignores it, and so would the run)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(dwi, out):
     """A ``denoise --workers 2`` in a process group (session) of its own."""
     env = {k: v for k, v in os.environ.items()
@@ -33,7 +39,8 @@ def _start(dwi, out):
     cmd = [sys.executable, "-m", "p2s_dask.fronts.cli", "denoise", str(dwi), str(out),
            "--workers", "2", "--chunks", "24,22,1", "--quiet"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True,
+                            preexec_fn=_ctrl_c_as_at_a_terminal)
 
 
 def _wait_until_predicting(proc, folder, timeout=180):

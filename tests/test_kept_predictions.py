@@ -55,18 +55,23 @@ def _no_disk(url):
     return 0  # no room to keep anything: the prediction is computed twice
 
 
+def _count_calls(monkeypatch, module, name) -> list:
+    """A list that gets an item at each call of ``module.name`` (patched)."""
+    calls, real = [], getattr(module, name)
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 @pytest.mark.parametrize("name, extra", [("in", []), ("in", ["--out-dtype", "int16"]),
                                          ("in", ["--out-dtype", "uint8"]), ("scaled", [])],
                          ids=["float32", "int16", "uint8", "fitted-scale"])
 def test_kept_predictions_give_the_same_bytes(scan, tmp_path, monkeypatch, name, extra):
-    kept_blocks = []
-    real = engine.kept_prediction_range
-
-    def counted(*args):
-        kept_blocks.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(engine, "kept_prediction_range", counted)
+    kept_blocks = _count_calls(monkeypatch, engine, "kept_prediction_range")
     scan = scan.with_name(f"{name}.nii")
     kept = _denoise(scan, tmp_path / "kept.nii", *extra)
     assert len(kept_blocks) == 27  # the minima pass kept every block's
@@ -197,14 +202,7 @@ def test_every_prediction_pass_reads_a_plain_nii_with_its_halo(scan, tmp_path, m
     nib.save(nib.load(str(scan)), str(gz))
     (tmp_path / "same.bval").write_text(scan.with_suffix(".bval").read_text())
     monkeypatch.setattr(pipeline, "free_disk", _no_disk)
-    reads = []
-    real = passes.read_with_halo
-
-    def counted(*args):
-        reads.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(passes, "read_with_halo", counted)
+    reads = _count_calls(monkeypatch, passes, "read_with_halo")
 
     def run(inp, out):
         code = main(["denoise", str(inp), str(out), "--patch-radius", radius, "--ver", "1",
