@@ -18,7 +18,6 @@ from .errors import InputError
 from .fronts.logs import attached
 from .config.groups import make_groups
 from .config.options import is_auto
-from .run.threads import single_threaded_blas
 from .config.validate import (auto_settings, check_bvals, check_data_dtype, check_finite,
                               check_fit_size, check_options, check_precision, check_shape,
                               check_tmp_dir)
@@ -203,8 +202,7 @@ def _denoise(data, bvals, *, patch_radius, model, b0_threshold, out_dtype, alpha
     start = time.perf_counter()
     # tasks return their values and this process writes them into `out`: a
     # task may run in a worker process, which cannot reach `out`
-    with single_threaded_blas():
-        inmemory.denoise_into(data, out, spec, chunks=chunks, check_finite=False)
+    inmemory.denoise_into(data, out, spec, chunks=chunks, check_finite=False)
     logger.info("Patch2Self denoised %s in %.2f s", shape, time.perf_counter() - start)
     return out
 

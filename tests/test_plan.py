@@ -349,8 +349,7 @@ def block_tasks(collection) -> int:
     from p2s_dask.graph import engine
     from p2s_dask.run import passes
     per_block = {engine._summarize_block, engine._lane_step, engine._predict_min_chunk,
-                 engine._predict_range_chunk, engine.block_range, passes._keep_task,
-                 passes._write_chunk}
+                 engine.block_range, passes._keep_task, passes._write_chunk}
     items = collection if isinstance(collection, (list, tuple)) else [collection]
     graph = {}
     for item in items:

@@ -675,10 +675,6 @@ def _predict_min_chunk(block, fitted: FittedModels, radius):
     return block_range(block, fitted, radius, highest=False)[0].reshape(1, 1, 1, -1)
 
 
-def _predict_range_chunk(block, fitted: FittedModels, radius):
-    return block_range(block, fitted, radius).reshape(1, 1, 1, 2, -1)
-
-
 class Outside:
     """Counts values that an integer ``dtype`` cannot hold (they are clipped
     by the cast), piece by piece; cheap when none are: a piece whose minimum
@@ -780,20 +776,6 @@ def prediction_minima(arr: da.Array, fitted, radius) -> da.Array:
     mins = da.map_blocks(_predict_min_chunk, halo, _one_key(fitted), radius, dtype=np.float64,
                          chunks=chunks, meta=np.empty((0, 0, 0, 0)))
     return mins.min(axis=(0, 1, 2))
-
-
-def prediction_range(arr: da.Array, fitted, radius) -> da.Array:
-    """Per-volume ``(minimum, maximum)``, shape ``(2, n)``, of the unshifted
-    prediction (for a fitted output scale and to foresee clipping)."""
-    halo = with_halo(arr, radius)
-    n = arr.shape[3]
-    chunks = tuple((1,) * len(c) for c in arr.chunks[:3]) + ((2,), (n,))
-    both = da.map_blocks(_predict_range_chunk, halo, _one_key(fitted), radius,
-                         dtype=np.float64, chunks=chunks, new_axis=3,
-                         meta=np.empty((0, 0, 0, 0, 0)))
-    lowest = both[:, :, :, 0].min(axis=(0, 1, 2))
-    highest = both[:, :, :, 1].max(axis=(0, 1, 2))
-    return da.stack([lowest, highest])
 
 
 def predict(arr: da.Array, fitted, radius, shift=None, clip=False,

@@ -279,6 +279,9 @@ class ThreadsExecutor(Executor):
         self.scheduler = scheduler
         self.in_process = scheduler in _IN_PROCESS_SCHEDULERS
 
+    # its tasks run in this process's threads, which hold one BLAS thread
+    # for them (see .threads)
+    @single_threaded_blas()
     def compute(self, collection, desc: str = "", progress: bool = False,
                 threads: int | None = None):
         """The value of a Dask collection, computed by this process's threads.
@@ -296,8 +299,7 @@ class ThreadsExecutor(Executor):
         import dask
         from dask.diagnostics import ProgressBar
 
-        # the tasks run in this process: it holds one BLAS thread for them
-        with _stage(desc, progress) as tty, single_threaded_blas():
+        with _stage(desc, progress) as tty:
             bar = ProgressBar(width=40, out=sys.stderr) if tty else contextlib.nullcontext()
             with bar:
                 (result,) = dask.compute(collection, **self._kwargs(threads))
@@ -313,6 +315,8 @@ class ThreadsExecutor(Executor):
                                         threads or self.threads_per_worker)
         return kwargs
 
+    # as compute()
+    @single_threaded_blas()
     def stream(self, tasks, place) -> None:
         """Compute ``tasks`` and ``place(i, result)`` each as it ends.
 
@@ -333,7 +337,7 @@ class ThreadsExecutor(Executor):
                 placed.add(i)
                 place(i, result)
 
-        with Callback(posttask=posttask), single_threaded_blas():
+        with Callback(posttask=posttask):
             results = dask.compute(*tasks, **self._kwargs())
         for i, result in enumerate(results):
             if i not in placed:
@@ -385,6 +389,9 @@ class DistributedExecutor(Executor):
         workers = _scheduler_info(self.client)["workers"].values()
         return max(1, sum(int(w.get("nthreads") or 1) for w in workers))
 
+    # workers in this process (a cluster of threads) run on its BLAS
+    # count; worker processes hold their own (_pin_workers_blas)
+    @single_threaded_blas()
     def compute(self, collection, desc: str = "", progress: bool = False,
                 threads: int | None = None):
         """The value of a Dask collection, computed on the cluster.
@@ -414,6 +421,8 @@ class DistributedExecutor(Executor):
                 self.client.cancel(futures)
             raise
 
+    # as compute()
+    @single_threaded_blas()
     def stream(self, tasks, place) -> None:
         """Compute ``tasks`` on the cluster and ``place(i, result)`` each as
         it completes, releasing it on the cluster then."""
@@ -449,8 +458,9 @@ class DistributedExecutor(Executor):
 def _pin_workers_blas(client) -> None:
     """Every worker process of the cluster, now and joining later, on one
     BLAS thread for its life (see :mod:`.threads`); workers in this process
-    run under the caller's :func:`~.threads.single_threaded_blas` instead,
-    which also leaves the solve here its own count."""
+    run under :meth:`DistributedExecutor.compute`'s
+    :func:`~.threads.single_threaded_blas` instead, which leaves the solve
+    here its own count."""
     from distributed.diagnostics.plugin import WorkerPlugin
 
     class OneBlasThreadPerWorker(WorkerPlugin):

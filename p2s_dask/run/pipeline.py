@@ -47,7 +47,6 @@ from ..planning.checker import check
 from ..planning.manifest import canonical
 from ..planning.paths import QC_SECTION, qc_targets, run_manifest, work_url
 from .lock import output_lock
-from .threads import single_threaded_blas
 from ..graph.engine import local_threads
 from ..config.validate import (auto_settings, check_bvals, check_fit_voxels, check_options,
                                check_precision, check_shape)
@@ -189,7 +188,7 @@ def denoise_file(inp, out, *, bvals=None, bvecs=None, options: Options | None = 
     report = Report(output=str(out), shape=run.shape, input=str(inp),
                     options=run_options_record(run))
     with output_lock(out), PeakMemory() as peak:
-        with _executor(executor, opts, run.budget) as ex, single_threaded_blas():
+        with _executor(executor, opts, run.budget) as ex:
             _run_plan(run, ex, report)
     report.seconds = time.perf_counter() - start
     report.peak_rss = peak.peak

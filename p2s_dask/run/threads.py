@@ -64,8 +64,7 @@ def single_threaded_blas():
     2 cores) and sums in another order than a cluster's workers. Entered by
     the thread that starts the computation, which then controls the count.
     """
-    _claim_process_count()
-    with threadpool_limits(limits=1, user_api="blas"):
+    with solving_blas(1):
         yield
 
 
